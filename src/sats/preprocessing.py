@@ -1,0 +1,170 @@
+"""Preprocessing shared by training and prediction.
+
+One resampling takes a CT from its native grid to the **symmetric grid**: axes aligned
+with the mid-sagittal plane (x = plane normal, towards the patient's left), voxel centres
+placed so that the plane is exactly the central sagittal plane, the target spacing, and
+the extent cropped to the body (in z and y freely, in x symmetrically about the plane).
+A left-right flip of the last array axis is then the anatomical mirror (:mod:`sats.symmetry`).
+
+The symmetric grid is an ordinary grid in physical space, so mapping a prediction back
+is a resampling onto the input grid (:func:`resample_to`): no transform bookkeeping.
+Without a plane estimate the plane defaults to the input grid's own central sagittal
+plane (what a naive flip assumes); :mod:`sats.alignment` supplies real estimates.
+
+CT intensities are normalised as nnU-Net does for CT: clip to the 0.5 / 99.5 percentiles
+of foreground (label) HU over the training set, then subtract their mean and divide by
+their standard deviation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from sats.io import SatsError, Volume, from_sitk, to_sitk
+from sats.symmetry import Plane
+
+BODY_HU = -500.0  # air/body threshold
+
+
+@dataclass
+class IntensityStats:
+    """CT normalisation constants from training foreground voxels (HU)."""
+
+    clip_low: float
+    clip_high: float
+    mean: float
+    std: float
+
+    def normalise(self, hu: np.ndarray) -> np.ndarray:
+        out = np.clip(hu.astype(np.float32), self.clip_low, self.clip_high)
+        return (out - self.mean) / max(self.std, 1e-6)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def intensity_stats(samples: list[np.ndarray]) -> IntensityStats:
+    """Statistics of foreground HU samples pooled over cases."""
+    values = np.concatenate([s.ravel() for s in samples if s.size]).astype(np.float64)
+    if values.size == 0:
+        raise SatsError("no foreground voxels in the training labels: cannot compute intensity statistics")
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    clipped = np.clip(values, lo, hi)
+    return IntensityStats(float(lo), float(hi), float(clipped.mean()), float(clipped.std()))
+
+
+def foreground_samples(ct: Volume, label: Volume, n: int = 10000, seed: int = 0) -> np.ndarray:
+    """Up to ``n`` HU values from inside the label (random, reproducible)."""
+    values = ct.array[label.array > 0]
+    if values.size > n:
+        values = np.random.default_rng(seed).choice(values, n, replace=False)
+    return values.astype(np.float32)
+
+
+def grid_centre_plane(volume: Volume) -> Plane:
+    """The central sagittal plane of the grid: what a plain array flip mirrors about."""
+    centre = volume.index_to_physical(np.array([(s - 1) / 2 for s in volume.shape]))
+    return Plane(volume.direction[:, 0], centre)
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The patient: the largest connected region above -500 HU (drops the couch and
+    immobilisation devices when they do not touch the body), holes filled slice-wise."""
+    mask = hu > BODY_HU
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def symmetric_grid(ct: Volume, spacing: tuple[float, float, float], plane: Plane | None = None, margin_mm: float = 5.0) -> Volume:
+    """The output grid (geometry only, an empty uint8 array) for :func:`preprocess`.
+
+    Args:
+        ct: input CT in HU.
+        spacing: target spacing (z, y, x) mm.
+        plane: mid-sagittal plane; default the input grid's central sagittal plane.
+        margin_mm: margin around the body's bounding box.
+    """
+    plane = plane or grid_centre_plane(ct)
+    x_axis = plane.normal
+    y_in = ct.direction[:, 1]
+    y_axis = y_in - (y_in @ x_axis) * x_axis
+    y_axis /= np.linalg.norm(y_axis)
+    z_axis = np.cross(x_axis, y_axis)
+    if z_axis @ ct.direction[:, 2] < 0:  # keep slices ascending like the input
+        z_axis = -z_axis
+        y_axis = -y_axis
+    frame = np.stack([x_axis, y_axis, z_axis], axis=1)  # columns = new index axes (x, y, z)
+
+    body = body_mask(ct.array)
+    if not body.any():
+        raise SatsError("no body found (no voxels above -500 HU): is this a CT in HU?")
+    # Body surface voxels suffice for the extent; subsample for speed.
+    idx = np.argwhere(body ^ ndimage.binary_erosion(body))
+    if len(idx) > 200000:
+        idx = idx[:: len(idx) // 200000 + 1]
+    coords = (ct.index_to_physical(idx) - plane.point) @ frame  # (n, 3) in the plane frame, (x, y, z)
+    lo = coords.min(axis=0) - margin_mm
+    hi = coords.max(axis=0) + margin_mm
+    half_x = max(abs(lo[0]), abs(hi[0]))
+    sx, sy, sz = spacing[2], spacing[1], spacing[0]
+    nx = int(np.ceil(2 * half_x / sx)) + 1
+    nx += nx % 2  # even, like every patch size, so centred windows fall on whole voxels
+    ny = int(np.ceil((hi[1] - lo[1]) / sy)) + 1
+    nz = int(np.ceil((hi[2] - lo[2]) / sz)) + 1
+    # Voxel centres symmetric about x = 0 (the plane): the flip is exact.
+    start = np.array([-(nx - 1) / 2 * sx, lo[1], lo[2]])
+    origin = plane.point + frame @ start
+    return Volume(np.zeros((nz, ny, nx), np.uint8), spacing=spacing, origin=tuple(origin), direction=frame)
+
+
+def resample_to(volume: Volume, reference: Volume, order: int = 1, default: float | None = None) -> Volume:
+    """Resample ``volume`` onto the grid of ``reference`` (physical space, identity transform).
+
+    Args:
+        order: 0 nearest neighbour, 1 linear, 3 B-spline.
+        default: value outside ``volume``; default its minimum (air for CT, 0 for masks).
+    """
+    interp = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}[order]
+    image = to_sitk(volume.with_array(volume.array.astype(np.float32)))
+    ref = to_sitk(reference.with_array(np.zeros(reference.shape, np.uint8)))
+    fill = float(volume.array.min()) if default is None else float(default)
+    out = sitk.Resample(image, ref, sitk.Transform(), interp, fill, sitk.sitkFloat32)
+    return from_sitk(out)
+
+
+@dataclass
+class Preprocessed:
+    """A case on its symmetric grid: ``image`` normalised float32 (z, y, x), ``label``
+    uint8 or None, ``grid`` the geometry (a Volume whose array is ``image``)."""
+
+    image: np.ndarray
+    label: np.ndarray | None
+    grid: Volume
+    plane: Plane
+
+
+def preprocess(
+    ct: Volume,
+    spacing: tuple[float, float, float],
+    stats: IntensityStats | None,
+    label: Volume | None = None,
+    plane: Plane | None = None,
+) -> Preprocessed:
+    """Native CT (HU) -> normalised image on the symmetric grid (and the label, resampled
+    linearly and thresholded at 0.5). ``stats=None`` leaves HU unnormalised."""
+    plane = plane or grid_centre_plane(ct)
+    grid = symmetric_grid(ct, spacing, plane)
+    hu = resample_to(ct, grid, order=1, default=-1024.0).array
+    image = stats.normalise(hu) if stats is not None else hu.astype(np.float32)
+    lab = None
+    if label is not None:
+        lab = (resample_to(label, grid, order=1, default=0.0).array >= 0.5).astype(np.uint8)
+    return Preprocessed(image.astype(np.float32), lab, grid.with_array(image.astype(np.float32)), plane)
