@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -157,9 +158,11 @@ def test_ddp_two_cpu_ranks_agree_and_only_rank0_writes(tmp_path) -> None:
     script.write_text(DDP_SCRIPT)
     overrides = dict(patch_size=[16, 32, 32], spacing=[3.0, 1.6, 1.6], base_features=4, max_features=16,
                      stage1_epochs=1, stage2_epochs=1, iters_per_epoch=2, val_overlap=0.25)
-    # Prepare the cache first so both ranks start from the same preprocessed arrays.
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
            str(script), str(data), str(tmp_path / "run"), json.dumps(overrides)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

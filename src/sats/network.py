@@ -44,6 +44,14 @@ class NetworkPlan:
     strides: list[tuple[int, int, int]] = field(default_factory=list)
     features: list[int] = field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetworkPlan":
+        """Inverse of ``dataclasses.asdict`` after a JSON round trip (lists back to tuples)."""
+        return cls(
+            tuple(d["patch_size"]), tuple(d["spacing"]), [tuple(k) for k in d["kernel_sizes"]],
+            [tuple(s) for s in d["strides"]], list(d["features"]),
+        )
+
     @property
     def total_stride(self) -> tuple[int, int, int]:
         out = [1, 1, 1]

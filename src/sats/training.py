@@ -261,9 +261,8 @@ def validate(model: SATsNet, cases: list[CaseArrays], cfg: TrainConfig, device: 
     model.eval()
     dices = []
     for case in cases:
-        prob = sliding_window_probabilities(
-            lambda x: model.encoder_decoder(x)[0], np.asarray(case.image), cfg.patch_size,
-            overlap=cfg.val_overlap, device=device,
+        prob, _ = sliding_window_probabilities(
+            model.encoder_decoder, np.asarray(case.image), cfg.patch_size, overlap=cfg.val_overlap, device=device,
         )
         pred, ref = prob >= 0.5, case.label > 0
         denom = pred.sum() + ref.sum()

@@ -1,0 +1,5 @@
+"""``python -m sats`` (and ``torchrun -m sats train ...``)."""
+
+from sats.cli import app
+
+app()
