@@ -111,6 +111,32 @@ def evaluate(
 
 @app.command()
 @user_errors
+def predict(
+    input_path: Path = typer.Option(..., "--input", "-i", help="Image file, DICOM series folder, or a folder of either."),
+    output: Path = typer.Option(..., "--output", "-o", help="Mask file for one input, folder for many."),
+    model: Path = typer.Option(..., "--model", "-m", help="RUN folder written by `sats train`."),
+    tta: bool = typer.Option(False, "--tta", help="Average with the left-right mirrored prediction."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast)."),
+    step: float = typer.Option(0.5, "--step", min=0.05, max=1.0, help="Window step as a fraction of the patch (0.5 = 50% overlap)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write {case}_probabilities."),
+    asymmetry_map: bool = typer.Option(False, "--asymmetry-map", help="Also write {case}_asymmetry: ||g(E) - g(E')|| per voxel."),
+) -> None:
+    """Segment the GTV of one CT or a folder of CTs; masks keep each input's exact geometry."""
+    from sats.inference import predict_paths
+
+    if precision not in ("fp32", "bf16"):
+        raise SatsError(f"--precision must be fp32 or bf16, not {precision!r}")
+    done, failed = predict_paths(
+        input_path, output, model, device=device, precision=precision, overlap=1.0 - step, tta=tta,
+        save_probabilities=save_probabilities, asymmetry_map=asymmetry_map, console=console,
+    )
+    if failed:
+        _fail(f"{failed} of {done + failed} case(s) failed; the other {done} were written")
+
+
+@app.command()
+@user_errors
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for everything the demo writes."),
     quick: bool = typer.Option(False, "--quick", help="A smaller, faster run (for tests)."),

@@ -49,7 +49,7 @@ def sliding_window_probabilities(
     precision: str = "fp32",
     tta: bool = False,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    progress: bool = False,
+    on_window: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Tumour probabilities (and optionally the asymmetry map) for a preprocessed image.
 
@@ -61,6 +61,7 @@ def sliding_window_probabilities(
         image: normalised image (z, y, x) on the symmetric grid.
         tta: average with the prediction of the left-right mirror, flipped back.
         head: the projection head g; when given, also return ``||g(E) - g(E')||`` per voxel.
+        on_window: called after each window (progress reporting).
     Returns:
         ``(probabilities, asymmetry)``, float32 arrays (z, y, x); asymmetry is None without ``head``.
     """
@@ -82,12 +83,14 @@ def sliding_window_probabilities(
             if head is not None:
                 g = head(e)
                 outputs.append((g[:n] - g[n:]).float().norm(dim=1, keepdim=True))
+        if on_window is not None:
+            on_window()
         return torch.cat(outputs, dim=1).float()
 
     out = sliding_window_inference(
         x, roi_size=patch_size, sw_batch_size=1, predictor=windows, overlap=overlap,
         mode="gaussian", sigma_scale=0.125, padding_mode="constant", cval=float(image.min()),
-        sw_device=device, device=torch.device("cpu"), progress=progress,
+        sw_device=device, device=torch.device("cpu"),
     )[0]
     prob = torch.sigmoid(out[0])
     if tta:
@@ -156,6 +159,15 @@ class Prediction:
     seconds: float
 
 
+def count_windows(shape: tuple[int, ...], patch_size: tuple[int, ...], overlap: float) -> int:
+    """How many windows the sliding window visits (MONAI's placement)."""
+    n = 1
+    for size, p in zip(shape, patch_size):
+        step = max(int(p * (1 - overlap)), 1)
+        n *= 1 if size <= p else int(np.ceil((size - p) / step)) + 1
+    return n
+
+
 def preprocess_for(run: LoadedRun, ct: Volume) -> Preprocessed:
     return preprocess(ct, run.spacing, run.stats)
 
@@ -169,7 +181,7 @@ def predict_case(
     overlap: float = 0.5,
     tta: bool = False,
     asymmetry_map: bool = False,
-    progress: bool = False,
+    on_window: Callable[[], None] | None = None,
 ) -> Prediction:
     """Predict one CT (HU, any grid); the outputs share the CT's exact geometry."""
     import time
@@ -181,7 +193,7 @@ def predict_case(
     model = run.model
     prob, asym = sliding_window_probabilities(
         model.encoder_decoder, pre.image, run.patch_size, overlap=overlap, device=device, precision=precision,
-        tta=tta, head=model.head if asymmetry_map else None, progress=progress,
+        tta=tta, head=model.head if asymmetry_map else None, on_window=on_window,
     )
     prob_native = resample_to(pre.grid.with_array(prob), ct, order=1, default=0.0)
     mask = ct.with_array((prob_native.array >= 0.5).astype(np.uint8))
@@ -198,3 +210,137 @@ def prefetch(items: list, load: Callable, workers: int = 1) -> Iterator[tuple[ob
             if i + 1 < len(items):
                 futures.append(pool.submit(load, items[i + 1]))
             yield item, futures[i]
+
+
+# --- files and folders ----------------------------------------------------------------------
+
+
+def case_id_for(path: Path) -> str:
+    """Case id from a file or DICOM folder name: suffix and nnU-Net's ``_0000`` stripped."""
+    from sats.io import strip_suffix
+
+    name = strip_suffix(path.name) if path.is_file() else path.name
+    return name[:-5] if name.endswith("_0000") else name
+
+
+def _has_dicom(folder: Path) -> bool:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                head = fh.read(132)
+            if head[128:132] == b"DICM" or f.suffix.lower() == ".dcm":
+                return True
+    return False
+
+
+def collect_inputs(path: Path) -> tuple[list[tuple[str, Path]], bool]:
+    """``([(case_id, path), ...], single)`` for an image file, a DICOM series folder, or a
+    folder of image files and/or DICOM series sub-folders."""
+    from sats.io import is_image_file
+
+    path = Path(path)
+    if not path.exists():
+        raise SatsError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [(case_id_for(path), path)], True
+    if _has_dicom(path):
+        return [(case_id_for(path), path)], True
+    items = [(case_id_for(f), f) for f in sorted(path.iterdir()) if is_image_file(f) and not f.name.startswith(".")]
+    items += [(case_id_for(d), d) for d in sorted(path.iterdir()) if d.is_dir() and _has_dicom(d)]
+    if not items:
+        raise SatsError(f"{path}: no images (.nii.gz, .nii, .nrrd, .mha) or DICOM series found")
+    ids = [c for c, _ in items]
+    dupes = sorted({c for c in ids if ids.count(c) > 1})
+    if dupes:
+        raise SatsError(f"{path}: several inputs share the case id {dupes[0]}")
+    return items, False
+
+
+def output_paths(output: Path, case_id: str, single: bool) -> dict[str, Path]:
+    """Where a case's mask, probabilities and asymmetry map go."""
+    from sats.io import IMAGE_SUFFIXES, strip_suffix
+
+    if single and output.name.lower().endswith(IMAGE_SUFFIXES):
+        stem = strip_suffix(output.name)
+        suffix = output.name[len(stem):]
+        folder, mask = output.parent, output
+    else:
+        folder, stem, suffix = output, case_id, ".nii.gz"
+        mask = folder / f"{stem}{suffix}"
+    return {"mask": mask, "probabilities": folder / f"{stem}_probabilities{suffix}", "asymmetry": folder / f"{stem}_asymmetry{suffix}"}
+
+
+def predict_paths(
+    input_path: Path,
+    output: Path,
+    run_dir: Path,
+    device: str = "cpu",
+    precision: str = "fp32",
+    overlap: float = 0.5,
+    tta: bool = False,
+    save_probabilities: bool = False,
+    asymmetry_map: bool = False,
+    console=None,
+) -> tuple[int, int]:
+    """Predict every input under ``input_path`` into ``output``; returns (done, failed).
+
+    A bad case in a folder is reported and skipped; the others still finish. Every file
+    is written atomically, so a failed case leaves nothing behind.
+    """
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sats.io import write_image
+
+    console = console or Console()
+    items, single = collect_inputs(input_path)
+    if single and not output.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")) and output.suffix:
+        raise SatsError(f"{output}: output for one input must be an image file (.nii.gz, .nii, .nrrd, .mha) or a folder")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SatsError("--device cuda asked for, but no CUDA device is available")
+    run = load_run(run_dir, dev)
+    if asymmetry_map and not run.has_head:
+        raise SatsError(f"{run_dir}: --asymmetry-map needs a model trained with the projection head")
+    if not single:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SatsError(f"{output}: cannot create output folder ({exc.strerror})") from None
+
+    def load(item):
+        case_id, path = item
+        ct = read_image(path)
+        check_ct(ct, str(path))
+        return ct, preprocess_for(run, ct)
+
+    done = failed = 0
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("cases", total=len(items))
+        for (case_id, path), future in prefetch(items, load):
+            t0 = time.time()
+            try:
+                ct, pre = future.result()
+                windows = progress.add_task(f"  {case_id}", total=count_windows(pre.image.shape, run.patch_size, overlap))
+                pred = predict_case(run, ct, pre, device=dev, precision=precision, overlap=overlap, tta=tta,
+                                    asymmetry_map=asymmetry_map, on_window=lambda: progress.advance(windows))
+                progress.remove_task(windows)
+                paths = output_paths(output, case_id, single)
+                write_image(pred.mask, paths["mask"])
+                if save_probabilities:
+                    write_image(pred.probabilities, paths["probabilities"])
+                if asymmetry_map and pred.asymmetry is not None:
+                    write_image(pred.asymmetry, paths["asymmetry"])
+                done += 1
+                ml = float(pred.mask.array.sum()) * pred.mask.voxel_volume_ml
+                progress.console.print(f"{case_id}: {ml:.1f} ml GTV, {time.time() - t0:.1f} s -> {paths['mask']}")
+            except SatsError as exc:
+                failed += 1
+                progress.console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                if single:
+                    raise
+            progress.advance(task)
+    return done, failed

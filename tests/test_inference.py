@@ -1,0 +1,103 @@
+"""Prediction: geometry of the written masks, folder mode with a broken file, bf16 vs fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from sats.cli import app
+from sats.inference import collect_inputs, load_run, predict_case
+from sats.io import SatsError, Volume, read_image, write_image
+from sats.training import train
+from test_io import rotation
+from test_training import make_tiny_dataset, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_tiny_dataset(root / "data")
+    train(data, root / "run", tiny_config(stage1_epochs=2, stage2_epochs=1, iters_per_epoch=4), device="cpu")
+    return root / "run", data
+
+
+def test_mask_keeps_the_input_geometry_exactly(tiny_run, tmp_path) -> None:
+    run_dir, data = tiny_run
+    ct = read_image(next((data / "imagesTr").iterdir()))
+    # Oblique, shifted, anisotropic, odd slice count.
+    odd = Volume(ct.array[:15], spacing=(2.7, 1.3, 1.7), origin=(12.5, -40.25, 101.0), direction=rotation(9, -4))
+    write_image(odd, tmp_path / "odd_0000.nii.gz")
+    result = CliRunner().invoke(app, ["predict", "-i", str(tmp_path / "odd_0000.nii.gz"), "-o", str(tmp_path / "out.nii.gz"), "-m", str(run_dir), "--save-probabilities", "--asymmetry-map"])
+    assert result.exit_code == 0, result.output
+    mask = read_image(tmp_path / "out.nii.gz")
+    assert mask.same_geometry(odd, tol_mm=1e-5) is None
+    assert set(np.unique(mask.array)) <= {0, 1}
+    prob = read_image(tmp_path / "out_probabilities.nii.gz")
+    asym = read_image(tmp_path / "out_asymmetry.nii.gz")
+    assert prob.same_geometry(odd, tol_mm=1e-5) is None and asym.same_geometry(odd, tol_mm=1e-5) is None
+    assert 0 <= prob.array.min() and prob.array.max() <= 1 and asym.array.max() > 0
+
+
+def test_folder_mode_reports_a_broken_case_and_finishes_the_rest(tiny_run, tmp_path) -> None:
+    run_dir, data = tiny_run
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for f in sorted((data / "imagesTr").iterdir())[:2]:
+        (inputs / f.name).write_bytes(f.read_bytes())
+    bad = inputs / "broken_0000.nii.gz"
+    good_bytes = next((data / "imagesTr").iterdir()).read_bytes()
+    bad.write_bytes(good_bytes[: len(good_bytes) // 2])
+    result = CliRunner().invoke(app, ["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-m", str(run_dir)])
+    assert result.exit_code == 1
+    assert "broken_0000.nii.gz" in result.output and "Traceback" not in result.output
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["case_000.nii.gz", "case_001.nii.gz"]
+
+
+def test_bad_inputs_fail_cleanly(tiny_run, tmp_path) -> None:
+    run_dir, data = tiny_run
+    runner = CliRunner()
+    not_ct = tmp_path / "mr_0000.nii.gz"
+    write_image(Volume(np.random.default_rng(0).uniform(0, 255, (8, 20, 20)).astype(np.float32)), not_ct)
+    r = runner.invoke(app, ["predict", "-i", str(not_ct), "-o", str(tmp_path / "o.nii.gz"), "-m", str(run_dir)])
+    assert r.exit_code == 1 and "do not look like CT" in r.output and not (tmp_path / "o.nii.gz").exists()
+    r = runner.invoke(app, ["predict", "-i", str(not_ct), "-o", str(tmp_path / "o.nii.gz"), "-m", str(tmp_path)])
+    assert r.exit_code == 1 and "not a sats RUN folder" in r.output
+    image = next((data / "imagesTr").iterdir())
+    r = runner.invoke(app, ["predict", "-i", str(image), "-o", str(tmp_path / "o.nii.gz"), "-m", str(run_dir), "--precision", "fp8"])
+    assert r.exit_code == 1 and "fp32 or bf16" in r.output
+
+
+def test_incompatible_run_folder_is_refused(tiny_run, tmp_path) -> None:
+    import json
+    import shutil
+
+    run_dir, _ = tiny_run
+    old = tmp_path / "old_run"
+    shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns("cache"))
+    config = json.loads((old / "config.json").read_text())
+    config["format"] = 0
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SatsError, match="incompatible"):
+        load_run(old)
+
+
+def test_bf16_agrees_with_fp32(tiny_run) -> None:
+    run_dir, data = tiny_run
+    run = load_run(run_dir)
+    ct = read_image(next((data / "imagesTr").iterdir()))
+    p32 = predict_case(run, ct, precision="fp32")
+    p16 = predict_case(run, ct, precision="bf16")
+    diff = np.abs(p32.probabilities.array - p16.probabilities.array)
+    assert diff.mean() < 0.02
+    a, b = p32.mask.array > 0, p16.mask.array > 0
+    if a.sum() + b.sum():
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9
+
+
+def test_collect_inputs_strips_channel_suffix(tmp_path) -> None:
+    write_image(Volume(np.zeros((2, 2, 2), np.int16)), tmp_path / "p1_0000.nii.gz")
+    write_image(Volume(np.zeros((2, 2, 2), np.int16)), tmp_path / "p2.mha")
+    items, single = collect_inputs(tmp_path)
+    assert [c for c, _ in items] == ["p1", "p2"] and not single
