@@ -113,7 +113,7 @@ def evaluate(
 @user_errors
 def predict(
     input_path: Path = typer.Option(..., "--input", "-i", help="Image file, DICOM series folder, or a folder of either."),
-    output: Path = typer.Option(..., "--output", "-o", help="Mask file for one input, folder for many."),
+    output: Path = typer.Option(..., "--output", "-o", help="Mask file for one input (RS.dcm / SEG.dcm with --format rtstruct / seg), folder for many."),
     model: Path = typer.Option(..., "--model", "-m", help="RUN folder written by `sats train`."),
     tta: bool = typer.Option(False, "--tta", help="Average with the left-right mirrored prediction."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast)."),
@@ -121,6 +121,8 @@ def predict(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write {case}_probabilities."),
     asymmetry_map: bool = typer.Option(False, "--asymmetry-map", help="Also write {case}_asymmetry: ||g(E) - g(E')|| per voxel."),
+    fmt: str = typer.Option("nifti", "--format", help="nifti (mask image), rtstruct (RT Structure Set, ROI GTVp) or seg (DICOM SEG); the DICOM ones need DICOM CT input."),
+    series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID of the CT series in a DICOM folder holding several (default: the CT series with most slices)."),
 ) -> None:
     """Segment the GTV of one CT or a folder of CTs; masks keep each input's exact geometry."""
     from sats.inference import predict_paths
@@ -129,10 +131,32 @@ def predict(
         raise SatsError(f"--precision must be fp32 or bf16, not {precision!r}")
     done, failed = predict_paths(
         input_path, output, model, device=device, precision=precision, overlap=1.0 - step, tta=tta,
-        save_probabilities=save_probabilities, asymmetry_map=asymmetry_map, console=console,
+        save_probabilities=save_probabilities, asymmetry_map=asymmetry_map, console=console, fmt=fmt, series_uid=series,
     )
     if failed:
         _fail(f"{failed} of {done + failed} case(s) failed; the other {done} were written")
+
+
+@app.command()
+@user_errors
+def rtstruct(
+    mask: Path = typer.Option(..., "--mask", help="Mask image on the CT's grid (non-zero = inside), e.g. a `sats predict` output."),
+    ct: Path = typer.Option(..., "--ct", help="Folder of the DICOM CT series the mask was made on."),
+    out: Path = typer.Option(..., "--out", "-o", help="RTSTRUCT file to write (e.g. RS.dcm)."),
+    name: str = typer.Option("GTVp", "--name", help="ROI name."),
+    color: str = typer.Option("255,0,0", "--color", help="ROI display colour R,G,B (0-255)."),
+    series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID of the CT series (default: the CT series with most slices)."),
+) -> None:
+    """Write a mask as a DICOM RT Structure Set referencing its CT series (one GTV ROI)."""
+    from sats.export import check_roi_name, parse_color, write_rtstruct
+    from sats.io import read_image
+
+    rgb = parse_color(color)
+    check_roi_name(name)
+    volume = read_image(mask)
+    n = write_rtstruct(volume, ct, out, roi_name=name, color=rgb, series_uid=series, mask_name=str(mask))
+    empty = " (empty mask: the ROI has no contours)" if n == 0 else ""
+    console.print(f"{out}: ROI {name!r}, {n} contour(s){empty}", highlight=False)
 
 
 @app.command()

@@ -34,6 +34,8 @@ class DicomSlice:
     pixel_spacing: tuple[float, float]  # (row spacing = y, column spacing = x) mm
     shape: tuple[int, int]  # (rows, columns)
     sop_instance_uid: str
+    sop_class_uid: str = ""
+    rescale: tuple[float, float] = (1.0, 0.0)  # (RescaleSlope, RescaleIntercept)
 
 
 @dataclass
@@ -67,6 +69,8 @@ def scan_folder(folder: Path) -> dict[str, DicomSeries]:
                 pixel_spacing=tuple(float(v) for v in ds.get("PixelSpacing", (1.0, 1.0))),  # type: ignore[arg-type]
                 shape=(int(ds.Rows), int(ds.Columns)),
                 sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                sop_class_uid=str(ds.get("SOPClassUID", "")),
+                rescale=(float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)),
             )
         )
     return series
@@ -79,7 +83,8 @@ def choose_ct_series(folder: Path, series_uid: str | None = None) -> DicomSeries
         raise SatsError(f"{folder}: no DICOM files found")
     if series_uid is not None:
         if series_uid not in series:
-            raise SatsError(f"{folder}: no series with SeriesInstanceUID {series_uid}")
+            found = "; ".join(f"{s.uid} ({s.modality or '?'}, {len(s.slices)} slices)" for s in series.values())
+            raise SatsError(f"{folder}: no series with SeriesInstanceUID {series_uid} (found: {found})")
         chosen = series[series_uid]
         if chosen.modality != "CT":
             raise SatsError(f"{folder}: series {series_uid} has modality {chosen.modality or '?'}, not CT")
@@ -154,6 +159,11 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
     slices, geometry = sort_slices(series, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(s.path) for s in slices])
+    # GDCM picks the output pixel type from the first file; a later slice with another or a
+    # fractional slope/intercept would be truncated to its integers, so decode to float then.
+    rescales = {s.rescale for s in slices}
+    if len(rescales) > 1 or any(v != round(v) for r in rescales for v in r):
+        reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -216,7 +226,10 @@ def write_ct_series(
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.Modality = "CT"
         ds.PatientID, ds.PatientName = patient_id, patient_name
+        ds.PatientBirthDate, ds.PatientSex = "", "O"
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "20240101", "120000", "", ""
+        ds.Manufacturer = "sats"
         ds.FrameOfReferenceUID = frame_uid
         ds.SeriesDescription = series_description
         ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, k + 1

@@ -256,11 +256,28 @@ def collect_inputs(path: Path) -> tuple[list[tuple[str, Path]], bool]:
     return items, False
 
 
-def output_paths(output: Path, case_id: str, single: bool) -> dict[str, Path]:
-    """Where a case's mask, probabilities and asymmetry map go."""
+#: ``sats predict --format`` values: NIfTI (or other image) masks, or DICOM objects that
+#: reference the input CT series.
+OUTPUT_FORMATS = ("nifti", "rtstruct", "seg")
+
+
+def output_paths(output: Path, case_id: str, single: bool, fmt: str = "nifti") -> dict[str, Path]:
+    """Where a case's mask, probabilities and asymmetry map go.
+
+    With ``fmt`` rtstruct or seg the mask is a DICOM file: ``output`` itself for one input
+    named ``*.dcm``, else ``{case}_rtstruct.dcm`` / ``{case}_seg.dcm`` in the folder; the
+    probability and asymmetry maps stay NIfTI beside it.
+    """
     from sats.io import IMAGE_SUFFIXES, strip_suffix
 
-    if single and output.name.lower().endswith(IMAGE_SUFFIXES):
+    if fmt != "nifti":
+        if single and output.suffix.lower() == ".dcm":
+            folder, stem, mask = output.parent, output.name[:-4], output
+        else:
+            folder, stem = output, case_id
+            mask = folder / f"{stem}_{fmt}.dcm"
+        suffix = ".nii.gz"
+    elif single and output.name.lower().endswith(IMAGE_SUFFIXES):
         stem = strip_suffix(output.name)
         suffix = output.name[len(stem):]
         folder, mask = output.parent, output
@@ -281,22 +298,41 @@ def predict_paths(
     save_probabilities: bool = False,
     asymmetry_map: bool = False,
     console=None,
+    fmt: str = "nifti",
+    series_uid: str | None = None,
 ) -> tuple[int, int]:
     """Predict every input under ``input_path`` into ``output``; returns (done, failed).
 
     A bad case in a folder is reported and skipped; the others still finish. Every file
     is written atomically, so a failed case leaves nothing behind.
+
+    Args:
+        fmt: ``nifti`` (mask image), ``rtstruct`` or ``seg`` (DICOM objects referencing the
+            input CT series; every input must then be a DICOM series folder).
+        series_uid: SeriesInstanceUID of the CT series to read from a single DICOM folder
+            holding several (default: the CT series with most slices).
     """
     import time
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from sats.dicom import read_dicom_series
+    from sats.export import write_rtstruct, write_seg
     from sats.io import write_image
 
     console = console or Console()
+    if fmt not in OUTPUT_FORMATS:
+        raise SatsError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, not {fmt!r}")
     items, single = collect_inputs(input_path)
-    if single and not output.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")) and output.suffix:
+    if series_uid is not None and not (single and items[0][1].is_dir()):
+        raise SatsError(f"{input_path}: --series needs one DICOM series folder as input")
+    if fmt != "nifti":
+        if single and not items[0][1].is_dir():
+            raise SatsError(f"{items[0][1]}: --format {fmt} needs a DICOM CT series folder as input (the output references its slices)")
+        if single and output.suffix and output.suffix.lower() != ".dcm":
+            raise SatsError(f"{output}: --format {fmt} writes a DICOM file: name it *.dcm, or give a folder")
+    elif single and not output.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")) and output.suffix:
         raise SatsError(f"{output}: output for one input must be an image file (.nii.gz, .nii, .nrrd, .mha) or a folder")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -312,7 +348,9 @@ def predict_paths(
 
     def load(item):
         case_id, path = item
-        ct = read_image(path)
+        if fmt != "nifti" and not path.is_dir():
+            raise SatsError(f"{path}: --format {fmt} needs a DICOM CT series folder as input (the output references its slices)")
+        ct = read_dicom_series(path, series_uid) if path.is_dir() else read_image(path)
         check_ct(ct, str(path))
         return ct, preprocess_for(run, ct)
 
@@ -328,15 +366,22 @@ def predict_paths(
                 pred = predict_case(run, ct, pre, device=dev, precision=precision, overlap=overlap, tta=tta,
                                     asymmetry_map=asymmetry_map, on_window=lambda: progress.advance(windows))
                 progress.remove_task(windows)
-                paths = output_paths(output, case_id, single)
-                write_image(pred.mask, paths["mask"])
+                paths = output_paths(output, case_id, single, fmt)
+                note = ""
+                if fmt == "rtstruct":
+                    if not write_rtstruct(pred.mask, path, paths["mask"], series_uid=series_uid, mask_name=case_id):
+                        note = " (empty: the RTSTRUCT holds the ROI without contours)"
+                elif fmt == "seg":
+                    write_seg(pred.mask, path, paths["mask"], series_uid=series_uid, mask_name=case_id)
+                else:
+                    write_image(pred.mask, paths["mask"])
                 if save_probabilities:
                     write_image(pred.probabilities, paths["probabilities"])
                 if asymmetry_map and pred.asymmetry is not None:
                     write_image(pred.asymmetry, paths["asymmetry"])
                 done += 1
                 ml = float(pred.mask.array.sum()) * pred.mask.voxel_volume_ml
-                progress.console.print(f"{case_id}: {ml:.1f} ml GTV, {time.time() - t0:.1f} s -> {paths['mask']}")
+                progress.console.print(f"{case_id}: {ml:.1f} ml GTV, {time.time() - t0:.1f} s -> {paths['mask']}{note}")
             except SatsError as exc:
                 failed += 1
                 progress.console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
