@@ -47,7 +47,8 @@ def make_tiny_dataset(root: Path, n: int = 5, seed: int = 0) -> Path:
 def tiny_config(**kw):
     cfg = preset("cpu")
     base = dict(patch_size=(16, 32, 32), spacing=(3.0, 1.6, 1.6), base_features=4, max_features=16,
-                stage1_epochs=1, stage2_epochs=1, iters_per_epoch=2, val_overlap=0.25, augment=True)
+                stage1_epochs=1, stage2_epochs=1, iters_per_epoch=2, val_overlap=0.25, augment=True,
+                align=False)  # the tiny volumes are featureless ellipsoids, not heads
     base.update(kw)
     for k, v in base.items():
         setattr(cfg, k, v)
@@ -157,7 +158,7 @@ def test_ddp_two_cpu_ranks_agree_and_only_rank0_writes(tmp_path) -> None:
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     overrides = dict(patch_size=[16, 32, 32], spacing=[3.0, 1.6, 1.6], base_features=4, max_features=16,
-                     stage1_epochs=1, stage2_epochs=1, iters_per_epoch=2, val_overlap=0.25)
+                     stage1_epochs=1, stage2_epochs=1, iters_per_epoch=2, val_overlap=0.25, align=False)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -168,3 +168,111 @@ def find_plane(ct: Volume, shrink_levels: tuple[float, ...] = (8.0, 4.0, 2.0), i
 
 def write_plane_json(alignment: Alignment, path: Path) -> None:
     write_text_atomic(path, json.dumps(alignment.to_dict(), indent=2))
+
+
+def plane_frame(plane: Plane, like: Volume) -> np.ndarray:
+    """Orthonormal columns (x', y', z'): x' = the plane normal, y' and z' as close to the
+    input's y and z axes as allowed. This is the 'head frame' of an aligned image."""
+    x_axis = plane.normal
+    y_in = like.direction[:, 1]
+    y_axis = y_in - (y_in @ x_axis) * x_axis
+    y_axis /= np.linalg.norm(y_axis)
+    z_axis = np.cross(x_axis, y_axis)
+    if z_axis @ like.direction[:, 2] < 0:
+        z_axis, y_axis = -z_axis, -y_axis
+    return np.stack([x_axis, y_axis, z_axis], axis=1)
+
+
+def aligned_volume(ct: Volume, plane: Plane, spacing: tuple[float, float, float] | None = None) -> tuple[Volume, sitk.AffineTransform]:
+    """The CT resampled into its head frame: identity direction, the mid-sagittal plane at
+    x = 0 and exactly on the central sagittal plane of the grid.
+
+    Returns the aligned volume and the rigid transform mapping aligned-space points to
+    input points (ITK's resampling convention; ``GetInverse()`` maps back).
+    """
+    from sats.preprocessing import resample_to, symmetric_grid
+
+    grid = symmetric_grid(ct, spacing or ct.spacing, plane)
+    frame = grid.direction
+    hu = resample_to(ct, grid, order=1, default=-1024.0)
+    # Head-frame coordinates q = F^T (p - point); the aligned grid is the symmetric grid
+    # expressed in q, so its direction is the identity.
+    origin_q = frame.T @ (np.asarray(grid.origin) - plane.point)
+    aligned = Volume(np.rint(hu.array).astype(np.int16) if np.issubdtype(ct.array.dtype, np.integer) else hu.array,
+                     spacing=grid.spacing, origin=tuple(origin_q), direction=np.eye(3))
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(frame.ravel().tolist())
+    transform.SetTranslation(plane.point.tolist())
+    return aligned, transform
+
+
+def estimate_plane(ct: Volume, atlas: Volume | None = None) -> Alignment:
+    """The mid-sagittal plane by the chosen mode: self-mirror registration, or affine
+    registration to a symmetric ``atlas`` (whose central sagittal plane is its plane)."""
+    if atlas is None:
+        result = find_plane(ct)
+    else:
+        result = plane_from_atlas(ct, atlas)
+    if result.score_after < MIN_SYMMETRY:
+        raise SatsError(
+            f"mid-sagittal plane unreliable: symmetry score {result.score_after:.2f} after alignment "
+            f"(below {MIN_SYMMETRY}); is this a head CT?"
+        )
+    return result
+
+
+def plane_from_atlas(ct: Volume, atlas: Volume, iterations: int = 200) -> Alignment:
+    """Affine registration of the CT (moving) to a symmetric atlas (fixed); the plane is
+    the image of the atlas's central sagittal plane in the CT's space."""
+    t0 = time.time()
+    atlas_plane = grid_centre_plane(atlas)
+    fixed, fixed_mask, _ = _prepare(atlas, 4.0)
+    moving, moving_mask, centroid = _prepare(ct, 4.0)
+    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsCorrelation()
+    reg.SetMetricFixedMask(fixed_mask)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, relaxationFactor=0.6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([2, 1])
+    reg.SetSmoothingSigmasPerLevel([2.0, 0.0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetInitialTransform(initial, inPlace=True)
+    try:
+        reg.Execute(fixed, moving)
+    except RuntimeError as exc:
+        raise SatsError(f"atlas registration failed ({str(exc).strip().splitlines()[-1]})") from None
+    a = np.array(initial.GetMatrix()).reshape(3, 3)
+    c = np.array(initial.GetCenter())
+    b = np.array(initial.GetTranslation()) + c - a @ c
+    # Atlas point q -> CT point a q + b. A plane's normal maps by the inverse transpose.
+    normal = np.linalg.inv(a).T @ atlas_plane.normal
+    point = a @ atlas_plane.point + b
+    plane = Plane(normal, point)
+    body = body_mask(ct.array)
+    return Alignment(plane, symmetry_score(ct, grid_centre_plane(ct), body), symmetry_score(ct, plane, body),
+                     time.time() - t0, {"mode": "atlas"})
+
+
+def make_atlas(cts: list[Volume], spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)) -> Volume:
+    """A symmetric atlas: each CT aligned on its own plane, resampled onto one head-frame
+    grid, averaged with its mirror. HU (float32), identity direction, plane at x = 0."""
+    if not cts:
+        raise SatsError("make-atlas needs at least one CT")
+    aligned = [aligned_volume(ct, find_plane(ct).plane, spacing)[0] for ct in cts]
+    # A common grid covering the union of the aligned extents, symmetric about x = 0.
+    lo = np.min([np.asarray(v.origin) for v in aligned], axis=0)
+    hi = np.max([np.asarray(v.origin) + (np.array(v.shape[::-1]) - 1) * np.array(v.spacing[::-1]) for v in aligned], axis=0)
+    half_x = max(abs(lo[0]), abs(hi[0]))
+    size_xyz = np.ceil((np.array([2 * half_x, hi[1] - lo[1], hi[2] - lo[2]])) / np.array(spacing[::-1])).astype(int) + 1
+    size_xyz[0] += size_xyz[0] % 2
+    origin = np.array([-(size_xyz[0] - 1) / 2 * spacing[2], lo[1], lo[2]])
+    from sats.preprocessing import resample_to
+
+    reference = Volume(np.zeros(tuple(size_xyz[::-1]), np.uint8), spacing=spacing, origin=tuple(origin))
+    total = np.zeros(reference.shape, np.float32)
+    for v in aligned:
+        total += resample_to(v, reference, order=1, default=-1024.0).array
+    mean = total / len(aligned)
+    return reference.with_array(((mean + mirror_lr(mean)) / 2).astype(np.float32))

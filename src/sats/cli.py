@@ -161,104 +161,69 @@ def rtstruct(
 
 @app.command()
 @user_errors
+def align(
+    input_path: Path = typer.Option(..., "--input", "-i", help="CT image file or DICOM series folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Aligned CT (image file)."),
+    atlas: Optional[Path] = typer.Option(None, "--atlas", help="Symmetric atlas (from `sats make-atlas`): affine mode."),
+    transform: Optional[Path] = typer.Option(None, "--transform", help="Write the rigid transform here (ITK .tfm; aligned -> input points)."),
+    plane_json: Optional[Path] = typer.Option(None, "--plane-json", help="Write the plane and symmetry scores here."),
+) -> None:
+    """Find the mid-sagittal plane and resample the CT so it is the grid's central sagittal plane."""
+    import json as _json
+
+    import SimpleITK as sitk
+
+    from sats.alignment import aligned_volume, estimate_plane
+    from sats.io import atomic_path, read_image, write_image, write_text_atomic
+    from sats.inference import check_ct
+
+    ct = read_image(input_path)
+    check_ct(ct, str(input_path))
+    result = estimate_plane(ct, read_image(atlas) if atlas else None)
+    aligned, tfm = aligned_volume(ct, result.plane)
+    write_image(aligned, output)
+    if transform is not None:
+        with atomic_path(transform, suffix=".tfm") as tmp:
+            sitk.WriteTransform(tfm, str(tmp))
+    if plane_json is not None:
+        write_text_atomic(plane_json, _json.dumps(result.to_dict(), indent=2))
+    n, p = result.plane.normal, result.plane.point
+    console.print(
+        f"plane normal ({n[0]:.4f}, {n[1]:.4f}, {n[2]:.4f}), point ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) mm LPS; "
+        f"symmetry {result.score_before:.3f} before, {result.score_after:.3f} after; {result.seconds:.1f} s -> {output}"
+    )
+
+
+@app.command("make-atlas")
+@user_errors
+def make_atlas_cmd(
+    dataset: Path = typer.Argument(..., help="Dataset in nnU-Net layout (imagesTr are used)."),
+    out: Path = typer.Option(..., "--output", "-o", help="Atlas image to write."),
+    max_cases: int = typer.Option(20, "--max-cases", min=1, help="Use at most this many training cases."),
+) -> None:
+    """Build a bilaterally symmetric atlas from self-aligned cases and their mirrors."""
+    from sats.alignment import make_atlas
+    from sats.dataset import list_cases
+    from sats.io import read_image, write_image
+
+    cases = list_cases(dataset, "Tr")[:max_cases]
+    if not cases:
+        raise SatsError(f"{dataset}: no training images")
+    atlas = make_atlas([read_image(c.image) for c in cases])
+    write_image(atlas, out)
+    console.print(f"atlas from {len(cases)} case(s): size {atlas.shape[::-1]} (x, y, z), spacing {atlas.spacing[::-1]} mm -> {out}")
+
+
+@app.command()
+@user_errors
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for everything the demo writes."),
-    quick: bool = typer.Option(False, "--quick", help="A smaller, faster run (for tests)."),
+    quick: bool = typer.Option(False, "--quick", help="A small, fast run (minutes; scores lower)."),
 ) -> None:
-    """End to end on the embedded phantom: generate, check, evaluate."""
-    from sats.dataset import check_dataset, print_report
-    from sats.evaluation import evaluate_folders, print_summary, write_csv
-    from sats.phantom import PhantomConfig, write_phantom_dataset
+    """End to end on the embedded phantom: generate, train, predict, evaluate, draw."""
+    from sats.demo import run_demo
 
-    data = out / "dataset"
-    n_train, n_test = (4, 2) if quick else (20, 10)
-    console.rule("1. phantom dataset")
-    write_phantom_dataset(data, n_train=n_train, n_test=n_test, seed=0, config=PhantomConfig(), console=console)
-    console.rule("2. dataset check")
-    report = check_dataset(data)
-    print_report(report, console=console, err_console=err_console)
-    if report.problems:
-        raise SatsError(f"{data}: the generated dataset failed its check")
-    console.rule("3. evaluation of the reference against itself")
-    results = evaluate_folders(data / "labelsTs", data / "labelsTs", console=console)
-    write_csv(results, out / "results.csv")
-    print_summary(results, console=console)
-
-
-@app.command()
-@user_errors
-def summary(
-    preset_name: str = typer.Option("paper", "--preset", help="paper or cpu."),
-    patch: Optional[tuple[int, int, int]] = typer.Option(None, "--patch", help="Patch D H W (z y x voxels)."),
-    spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Spacing Z Y X in mm."),
-) -> None:
-    """Print the planned encoder-decoder stage by stage and its parameter count."""
-    from rich.table import Table
-
-    from sats.network import EncoderDecoder, count_parameters, plan_network
-    from sats.training import preset
-
-    cfg = preset(preset_name)
-    patch_size = tuple(patch) if patch else cfg.patch_size
-    sp = tuple(spacing) if spacing else (cfg.spacing or (3.0, 1.0, 1.0))
-    try:
-        plan = plan_network(patch_size, sp, cfg.base_features, cfg.max_features)
-    except ValueError as exc:
-        raise SatsError(str(exc)) from None
-    model = EncoderDecoder(plan, residual=cfg.residual)
-    table = Table(title=f"SATs encoder-decoder, preset {cfg.preset}: patch {patch_size} at {sp} mm (z, y, x)")
-    for col in ("stage", "features", "kernel (z,y,x)", "stride (z,y,x)", "feature map (z,y,x)"):
-        table.add_column(col)
-    size = list(patch_size)
-    for i, (f, k, st) in enumerate(zip(plan.features, plan.kernel_sizes, plan.strides)):
-        size = [a // b for a, b in zip(size, st)]
-        table.add_row(str(i), str(f), "x".join(map(str, k)), "x".join(map(str, st)), "x".join(map(str, size)))
-    console.print(table)
-    console.print(f"parameters: {count_parameters(model):,}")
-
-
-@app.command()
-@user_errors
-def train(
-    dataset: Path = typer.Argument(..., help="Dataset folder in nnU-Net v2 raw layout."),
-    out: Path = typer.Option(..., "--out", "-o", help="RUN folder to write."),
-    preset_name: str = typer.Option("paper", "--preset", help="paper (the paper's configuration) or cpu."),
-    stage: str = typer.Option("all", "--stage", help="1, 2 or all."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Total epochs; split 4:1 between the stages like 800:200."),
-    iters_per_epoch: Optional[int] = typer.Option(None, "--iters-per-epoch", min=1),
-    fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoint.pt."),
-    no_projection_head: bool = typer.Option(False, "--no-projection-head", help="Ablation: margin loss on the decoder features."),
-    no_margin: bool = typer.Option(False, "--no-margin", help="Ablation: no margin loss (stage 2 fine-tunes Dice + BCE only)."),
-    asym_region: str = typer.Option("paper", "--asym-region", help="paper (Eq. 1: s - s∩s') or union (s XOR s')."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the margin loss."),
-    margin: Optional[float] = typer.Option(None, "--margin", help="Margin t of the hinge."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes."),
-    seed: int = typer.Option(0, "--seed"),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Preprocessed-case cache (default RUN/cache)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-) -> None:
-    """Train SATs: stage 1 (Siamese encoder-decoder), stage 2 (projection head + margin loss)."""
-    from sats.training import preset, train as run_training
-
-    cfg = preset(preset_name)
-    if epochs is not None:
-        cfg.stage2_epochs = epochs // 5
-        cfg.stage1_epochs = epochs - cfg.stage2_epochs
-    if iters_per_epoch is not None:
-        cfg.iters_per_epoch = iters_per_epoch
-    if asym_region not in ("paper", "union"):
-        raise SatsError(f"--asym-region must be paper or union, not {asym_region!r}")
-    cfg.fold = fold if fold == "all" else int(fold)
-    cfg.projection_head = not no_projection_head
-    cfg.margin_loss = not no_margin
-    cfg.asym_region = asym_region
-    cfg.seed = seed
-    for name, value in (("beta", beta), ("margin", margin), ("batch_size", batch_size), ("num_workers", workers)):
-        if value is not None:
-            setattr(cfg, name, value)
-    run_training(dataset, out, cfg, stage=stage, resume=resume, cache=cache, device=device, console=console)
+    run_demo(out, quick=quick, console=console)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -19,11 +19,11 @@ taken from each slice's own ``ImagePositionPatient``.
 
 RTSTRUCT contours follow the pixel edges: marching squares (contourpy) on the 0/1 mask puts
 each vertex between an inside and an outside pixel centre, 0.01 pixel inside the pixel edge
-(:data:`CONTOUR_LEVEL`), so the polygon area is the mask's area and a planning system that
-fills a polygon by testing pixel centres gets exactly the mask back (every centre is at
-least 0.34 pixel from the polygon). Holes and islands are separate
-closed contours on the slice; a pixel is inside when it is inside an odd number of them
-(the even-odd rule that RTSTRUCT readers apply to nested contours).
+(:data:`CONTOUR_LEVEL`). The polygon area is the mask's area less the cut corners (99.8 %
+on the 4D-Lung tumour), and a planning system that fills a polygon by testing pixel centres
+gets exactly the mask back (every centre is at least 0.34 pixel from the polygon). Holes and
+islands are separate closed contours on the slice; a pixel is inside when it is inside an
+odd number of them (the even-odd rule planning systems apply to nested contours).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
@@ -246,7 +247,8 @@ def build_rtstruct(
         ct: the referenced CT series.
     Returns:
         The dataset, file meta included, ready for ``save_as``. An empty mask gives the ROI
-        with an empty Contour Sequence (valid: the sequence is type 3).
+        (name, GTV type, colour) without a Contour Sequence: valid, as that sequence is type 3
+        and must hold at least one item when present.
     """
     check_roi_name(roi_name)
     now = _dt.datetime.now()
@@ -282,6 +284,9 @@ def build_rtstruct(
     frame_uid = ct.frame_of_reference_uid
     if not frame_uid:
         raise SatsError(f"{ct.folder}: the CT series has no FrameOfReferenceUID; an RTSTRUCT needs one")
+    # Frame of Reference module (in the RT Structure Set IOD since 2020): the CT's frame.
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ct.header.get("PositionReferenceIndicator", "")
     contour_images = Sequence()
     for s in ct.slices:
         item = Dataset()
@@ -324,7 +329,9 @@ def build_rtstruct(
             contours.append(contour)
     roi_contour = Dataset()
     roi_contour.ROIDisplayColor = [int(c) for c in color]
-    roi_contour.ContourSequence = contours
+    if len(contours):
+        # Type 3 but 1-n items when present: an empty mask leaves the sequence out.
+        roi_contour.ContourSequence = contours
     roi_contour.ReferencedROINumber = 1
     ds.ROIContourSequence = Sequence([roi_contour])
     # RT ROI Observations
@@ -365,7 +372,7 @@ def write_rtstruct(
     array = check_mask_on_ct(mask, ct, mask_name)
     ds = build_rtstruct(array, ct, roi_name, color)
     _save(ds, Path(out))
-    return len(ds.ROIContourSequence[0].ContourSequence)
+    return len(ds.ROIContourSequence[0].get("ContourSequence", []))
 
 
 def _save(ds: Dataset, out: Path) -> None:
@@ -404,7 +411,7 @@ def read_rtstruct_roi(
     rs_path = Path(rs_path)
     try:
         rs = pydicom.dcmread(rs_path)
-    except (pydicom.errors.InvalidDicomError, OSError, EOFError) as exc:
+    except (InvalidDicomError, OSError, EOFError) as exc:
         raise SatsError(f"{rs_path}: not a readable DICOM file ({exc})") from None
     if str(rs.get("Modality", "")) != "RTSTRUCT" or "StructureSetROISequence" not in rs:
         raise SatsError(f"{rs_path}: not an RT Structure Set (modality {rs.get('Modality', '?')})")
@@ -467,7 +474,7 @@ def write_seg(
     One segment labelled ``segment_label`` (category Morphologically Abnormal Structure,
     type Neoplasm), algorithm "sats". Frame k of the pixel array is CT slice k (array
     axis 0); rows and columns are array axes 1 and 2. Empty slices are left out of the
-    SEG (highdicom's default); an empty mask keeps one empty frame.
+    SEG (highdicom's default); an empty mask keeps all frames, empty.
 
     Returns:
         The number of CT slices holding the structure.
@@ -491,10 +498,8 @@ def write_seg(
         algorithm_identification=algorithm,
     )
     with warnings.catch_warnings():
-        # Test and anonymised data often have one-component patient names; an empty mask
-        # makes highdicom keep all frames. Neither is the user's problem.
+        # Test and anonymised data often have one-component patient names: not the user's problem.
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        warnings.filterwarnings("ignore", message=".*omit_empty_frames")
         try:
             seg = hd.seg.Segmentation(
                 source_images=sources,
@@ -510,6 +515,7 @@ def write_seg(
                 software_versions=__version__,
                 device_serial_number="none",
                 series_description="sats automatic GTV segmentation",
+                omit_empty_frames=bool(array.any()),  # a SEG needs at least one frame
             )
         except (ValueError, AttributeError, TypeError) as exc:
             raise SatsError(f"{ct.folder}: cannot build a DICOM SEG on this CT series ({exc})") from None

@@ -169,7 +169,19 @@ def count_windows(shape: tuple[int, ...], patch_size: tuple[int, ...], overlap: 
 
 
 def preprocess_for(run: LoadedRun, ct: Volume) -> Preprocessed:
-    return preprocess(ct, run.spacing, run.stats)
+    """The training run's preprocessing: its alignment mode, spacing and normalisation."""
+    from sats.alignment import estimate_plane
+
+    train = run.config["train"]
+    plane = None
+    if train.get("align", False):
+        atlas = None
+        if train.get("atlas"):
+            if not Path(train["atlas"]).exists():
+                raise SatsError(f"the model was trained with the atlas {train['atlas']}, which is missing")
+            atlas = read_image(train["atlas"])
+        plane = estimate_plane(ct, atlas).plane
+    return preprocess(ct, run.spacing, run.stats, plane=plane)
 
 
 def predict_case(

@@ -49,6 +49,8 @@ class TrainConfig:
     preset: str = "paper"
     patch_size: tuple[int, int, int] = (56, 192, 192)
     spacing: tuple[float, float, float] | None = None  # None: the dataset's median spacing
+    align: bool = True  # resample each CT about its own mid-sagittal plane (sats.alignment)
+    atlas: str | None = None  # symmetric atlas image: find the plane by affine registration to it
     base_features: int = 32
     max_features: int = 320
     residual: bool = False
@@ -56,6 +58,7 @@ class TrainConfig:
     stage1_epochs: int = 800
     stage2_epochs: int = 200
     iters_per_epoch: int = 250
+    optimizer: str = "sgd"  # "sgd" (the paper: Nesterov momentum) or "adamw"
     lr: float = 1e-2  # stage 1, and the head in stage 2
     stage2_backbone_lr: float = 1e-5
     momentum: float = 0.99
@@ -117,18 +120,26 @@ def _setup_distributed(device: torch.device) -> bool:
 # --- the case cache ---------------------------------------------------------------------
 
 
-def _cache_key(files: list[Path], spacing, stats: IntensityStats) -> str:
+def _cache_key(files: list[Path], spacing, stats: IntensityStats, align: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"spacing": list(spacing), "stats": stats.to_dict(), "v": RUN_FORMAT}).encode())
+    h.update(json.dumps({"spacing": list(spacing), "stats": stats.to_dict(), "align": align, "v": RUN_FORMAT}).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
-def prepare_cases(dataset: Path, cache: Path, spacing, console: Console, rank: int = 0) -> tuple[list[CaseArrays], IntensityStats, tuple]:
-    """Preprocess every training case once (resample, crop to the body, normalise) and
-    cache the arrays as .npy under ``cache``; later runs reuse them."""
+def alignment_mode(cfg: TrainConfig) -> str:
+    return "none" if not cfg.align else (f"atlas:{Path(cfg.atlas).resolve()}" if cfg.atlas else "self")
+
+
+def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console, rank: int = 0) -> tuple[list[CaseArrays], IntensityStats, tuple]:
+    """Preprocess every training case once (align, resample, crop to the body, normalise)
+    and cache the arrays as .npy under ``cache``; later runs reuse them."""
+    from sats.alignment import estimate_plane
+
+    spacing = cfg.spacing
+    align = alignment_mode(cfg)
     cases = list_cases(dataset, "Tr")
     if not cases:
         raise SatsError(f"{dataset}: no training cases in imagesTr")
@@ -144,7 +155,7 @@ def prepare_cases(dataset: Path, cache: Path, spacing, console: Console, rank: i
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
         stats = IntensityStats(**meta["stats"])
-        if meta.get("key") == _cache_key(files, spacing, stats) and meta.get("spacing") == list(spacing):
+        if meta.get("key") == _cache_key(files, spacing, stats, align) and meta.get("spacing") == list(spacing):
             return _load_cache(cache, [c.case_id for c in cases]), stats, spacing
     if rank != 0:
         raise SatsError("the training cache must be prepared by rank 0 first")
@@ -159,13 +170,24 @@ def prepare_cases(dataset: Path, cache: Path, spacing, console: Console, rank: i
             samples.append(foreground_samples(ct, lab))
             progress.advance(task)
         stats = intensity_stats(samples)
-        task = progress.add_task("preprocessing", total=len(cases))
+        task = progress.add_task("aligning and preprocessing" if cfg.align else "preprocessing", total=len(cases))
+        atlas = read_image(cfg.atlas) if cfg.align and cfg.atlas else None
+        planes = {}
         for c, (ct, lab) in zip(cases, volumes):
-            pre = preprocess(ct, spacing, stats, label=lab)
+            plane = None
+            if cfg.align:
+                try:
+                    result = estimate_plane(ct, atlas)
+                except SatsError as exc:
+                    raise SatsError(f"{c.image}: {exc}") from None
+                plane = result.plane
+                planes[c.case_id] = result.to_dict()
+            pre = preprocess(ct, spacing, stats, label=lab, plane=plane)
             np.save(cache / f"{c.case_id}_image.npy", pre.image)
             np.save(cache / f"{c.case_id}_label.npy", pre.label)
             progress.advance(task)
-    write_text_atomic(meta_file, json.dumps({"key": _cache_key(files, spacing, stats), "spacing": list(spacing), "stats": stats.to_dict()}, indent=2))
+    write_text_atomic(meta_file, json.dumps({"key": _cache_key(files, spacing, stats, align), "spacing": list(spacing),
+                                             "stats": stats.to_dict(), "align": align, "planes": planes}, indent=2))
     return _load_cache(cache, [c.case_id for c in cases]), stats, spacing
 
 
@@ -284,6 +306,8 @@ def _stage_optimizer(model: SATsNet, cfg: TrainConfig, stage: int) -> torch.opti
         groups.append({"params": head, "lr": cfg.lr, "name": "head"})
     for g in groups:
         g["initial_lr"] = g["lr"]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
 
 
@@ -333,11 +357,11 @@ def train(
     # Cases: rank 0 preprocesses, the others read its cache.
     cache = Path(cache) if cache else out / "cache"
     if rank == 0:
-        cases, stats, spacing = prepare_cases(dataset, cache, cfg.spacing, say)
+        cases, stats, spacing = prepare_cases(dataset, cache, cfg, say)
     if distributed:
         dist.barrier()
     if rank != 0:
-        cases, stats, spacing = prepare_cases(dataset, cache, cfg.spacing, quiet, rank=rank)
+        cases, stats, spacing = prepare_cases(dataset, cache, cfg, quiet, rank=rank)
     train_ids, val_ids = split_folds([c.case_id for c in cases], cfg.folds, cfg.fold)
     train_cases = [c for c in cases if c.case_id in set(train_ids)]
     val_cases = [c for c in cases if c.case_id in set(val_ids)]

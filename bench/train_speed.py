@@ -1,0 +1,70 @@
+"""Time stage-1 and stage-2 training iterations of a preset on random data.
+
+Prints iterations/s and peak memory for each stage. Meant for a GPU machine with the
+paper preset (patch 56x192x192, batch 2, 30.7 M parameters); runs on CPU too.
+
+    python bench/train_speed.py --preset paper --device cuda --iters 20
+    python bench/train_speed.py --preset cpu --device cpu --iters 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from sats.losses import SegmentationLoss, asymmetric_mask, margin_loss
+from sats.network import SATsNet, count_parameters, plan_network
+from sats.symmetry import mirror_lr
+from sats.training import _stage_optimizer, preset
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="paper")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast (the default on CUDA in sats train)")
+    args = ap.parse_args()
+    cfg = preset(args.preset)
+    dev = torch.device(args.device)
+    plan = plan_network(cfg.patch_size, cfg.spacing or (3.0, 1.0, 1.0), cfg.base_features, cfg.max_features)
+    model = SATsNet(plan).to(dev)
+    seg_loss = SegmentationLoss()
+    b = cfg.batch_size
+    x = torch.randn(b, 1, *cfg.patch_size, device=dev)
+    s = torch.zeros(b, 1, *cfg.patch_size, device=dev)
+    d, h, w = cfg.patch_size
+    s[:, :, d // 4 : d // 2, h // 4 : h // 2, w // 4 : w // 2] = 1
+    print(f"preset {cfg.preset}, patch {cfg.patch_size}, batch {b} (x2 Siamese), {count_parameters(model.encoder_decoder):,} parameters, "
+          f"device {dev}{' ' + torch.cuda.get_device_name(dev) if dev.type == 'cuda' else ''}, amp {args.amp}")
+    print(f"{'stage':>5} {'it/s':>8} {'s/it':>8} {'peak GiB':>9}")
+    for stage in (1, 2):
+        opt = _stage_optimizer(model, cfg, stage)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        for i in range(args.warmup + args.iters):
+            if i == args.warmup:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp):
+                out = model(x, mirror_lr(x), with_features=stage == 2)
+            terms = seg_loss(torch.cat([out["logits"], out["logits_mirror"]]).float(), torch.cat([s, mirror_lr(s)]))
+            loss = terms["dice"] + terms["ce"]
+            if stage == 2:
+                loss = loss + cfg.beta * margin_loss(out["proj"].float(), out["proj_mirror"].float(), asymmetric_mask(s), cfg.margin)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        dt = (time.perf_counter() - t0) / args.iters
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
+        print(f"{stage:>5} {1 / dt:>8.2f} {dt:>8.3f} {peak:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
