@@ -11,7 +11,7 @@ from sats.alignment import aligned_volume, find_plane, estimate_plane
 from sats.cli import app
 from sats.io import SatsError, Volume, from_sitk, read_image, to_sitk, write_image
 from sats.phantom import PhantomConfig, make_case
-from sats.preprocessing import preprocess, resample_to
+from sats.preprocessing import preprocess
 from sats.symmetry import Plane, mirror_lr
 
 

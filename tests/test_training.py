@@ -10,11 +10,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-from typer.testing import CliRunner
 
-from sats.cli import app
 from sats.io import Volume, write_image
 from sats.patches import AugmentConfig, CaseArrays, sample_patch
 from sats.symmetry import mirror_lr

@@ -111,6 +111,86 @@ def evaluate(
 
 @app.command()
 @user_errors
+def summary(
+    preset_name: str = typer.Option("paper", "--preset", help="paper or cpu."),
+    patch: Optional[tuple[int, int, int]] = typer.Option(None, "--patch", help="Patch D H W (z y x voxels)."),
+    spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Spacing Z Y X in mm."),
+) -> None:
+    """Print the planned encoder-decoder stage by stage and its parameter count."""
+    from rich.table import Table
+
+    from sats.network import EncoderDecoder, count_parameters, plan_network
+    from sats.training import preset
+
+    cfg = preset(preset_name)
+    patch_size = tuple(patch) if patch else cfg.patch_size
+    sp = tuple(spacing) if spacing else (cfg.spacing or (3.0, 1.0, 1.0))
+    try:
+        plan = plan_network(patch_size, sp, cfg.base_features, cfg.max_features)
+    except ValueError as exc:
+        raise SatsError(str(exc)) from None
+    model = EncoderDecoder(plan, residual=cfg.residual)
+    table = Table(title=f"SATs encoder-decoder, preset {cfg.preset}: patch {patch_size} at {sp} mm (z, y, x)")
+    for col in ("stage", "features", "kernel (z,y,x)", "stride (z,y,x)", "feature map (z,y,x)"):
+        table.add_column(col)
+    size = list(patch_size)
+    for i, (f, k, st) in enumerate(zip(plan.features, plan.kernel_sizes, plan.strides)):
+        size = [a // b for a, b in zip(size, st)]
+        table.add_row(str(i), str(f), "x".join(map(str, k)), "x".join(map(str, st)), "x".join(map(str, size)))
+    console.print(table)
+    console.print(f"parameters: {count_parameters(model):,}")
+
+
+@app.command()
+@user_errors
+def train(
+    dataset: Path = typer.Argument(..., help="Dataset folder in nnU-Net v2 raw layout."),
+    out: Path = typer.Option(..., "--out", "-o", help="RUN folder to write."),
+    preset_name: str = typer.Option("paper", "--preset", help="paper (the paper's configuration) or cpu."),
+    stage: str = typer.Option("all", "--stage", help="1, 2 or all."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Total epochs; split 4:1 between the stages like 800:200."),
+    iters_per_epoch: Optional[int] = typer.Option(None, "--iters-per-epoch", min=1),
+    fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoint.pt."),
+    no_projection_head: bool = typer.Option(False, "--no-projection-head", help="Ablation: margin loss on the decoder features."),
+    no_margin: bool = typer.Option(False, "--no-margin", help="Ablation: no margin loss (stage 2 fine-tunes Dice + BCE only)."),
+    asym_region: str = typer.Option("paper", "--asym-region", help="paper (Eq. 1: s - s∩s') or union (s XOR s')."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the margin loss."),
+    margin: Optional[float] = typer.Option(None, "--margin", help="Margin t of the hinge."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes."),
+    seed: int = typer.Option(0, "--seed"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Preprocessed-case cache (default RUN/cache)."),
+    no_align: bool = typer.Option(False, "--no-align", help="Skip the mid-sagittal alignment (mirror about the grid centre)."),
+    atlas: Optional[Path] = typer.Option(None, "--atlas", help="Find each plane by affine registration to this symmetric atlas."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+) -> None:
+    """Train SATs: stage 1 (Siamese encoder-decoder), stage 2 (projection head + margin loss)."""
+    from sats.training import preset, train as run_training
+
+    cfg = preset(preset_name)
+    if epochs is not None:
+        cfg.stage2_epochs = epochs // 5
+        cfg.stage1_epochs = epochs - cfg.stage2_epochs
+    if iters_per_epoch is not None:
+        cfg.iters_per_epoch = iters_per_epoch
+    if asym_region not in ("paper", "union"):
+        raise SatsError(f"--asym-region must be paper or union, not {asym_region!r}")
+    cfg.fold = fold if fold == "all" else int(fold)
+    cfg.projection_head = not no_projection_head
+    cfg.margin_loss = not no_margin
+    cfg.asym_region = asym_region
+    cfg.seed = seed
+    cfg.align = not no_align
+    cfg.atlas = str(atlas.resolve()) if atlas else None
+    for name, value in (("beta", beta), ("margin", margin), ("batch_size", batch_size), ("num_workers", workers)):
+        if value is not None:
+            setattr(cfg, name, value)
+    run_training(dataset, out, cfg, stage=stage, resume=resume, cache=cache, device=device, console=console)
+
+
+@app.command()
+@user_errors
 def predict(
     input_path: Path = typer.Option(..., "--input", "-i", help="Image file, DICOM series folder, or a folder of either."),
     output: Path = typer.Option(..., "--output", "-o", help="Mask file for one input (RS.dcm / SEG.dcm with --format rtstruct / seg), folder for many."),

@@ -11,7 +11,6 @@ tilt and mixed orientations.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 

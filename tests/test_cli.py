@@ -1,0 +1,53 @@
+"""The command line as a user meets it: every command present, summary, bad input."""
+
+from __future__ import annotations
+
+import re
+
+from typer.testing import CliRunner
+
+from sats.cli import app
+
+COMMANDS = ["phantom", "check", "evaluate", "summary", "train", "predict", "rtstruct", "align", "make-atlas", "demo"]
+
+
+def test_every_command_is_registered() -> None:
+    out = CliRunner().invoke(app, ["--help"], terminal_width=200).output
+    for name in COMMANDS:
+        assert re.search(rf"\b{name}\b", out), name
+
+
+def test_summary_paper_parameter_count() -> None:
+    result = CliRunner().invoke(app, ["summary", "--preset", "paper"], terminal_width=200)
+    assert result.exit_code == 0
+    last = result.output.strip().splitlines()[-1]
+    n = int(re.fullmatch(r"parameters: ([\d,]+)", last).group(1).replace(",", ""))
+    assert abs(n - 30.70e6) / 30.70e6 < 0.01
+
+
+def test_summary_rejects_an_indivisible_patch() -> None:
+    result = CliRunner().invoke(app, ["summary", "--patch", "56", "190", "192", "--spacing", "3", "1", "1"])
+    assert result.exit_code == 1 and "divisible" in result.output
+
+
+def test_truncated_nifti_given_to_commands(tmp_path) -> None:
+    """One clear line, non-zero exit, no traceback, for a truncated .nii.gz anywhere."""
+    import numpy as np
+
+    from sats.io import Volume, write_image
+
+    path = write_image(Volume(np.random.default_rng(0).normal(0, 300, (20, 64, 64)).astype(np.int16)), tmp_path / "ct_0000.nii.gz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    runner = CliRunner()
+    for args in (["align", "-i", str(path), "-o", str(tmp_path / "a.nii.gz")],
+                 ["evaluate", "--pred", str(tmp_path), "--gt", str(tmp_path)]):
+        r = runner.invoke(app, args)
+        assert r.exit_code != 0, args
+        assert "ct_0000.nii.gz" in r.output and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "a.nii.gz").exists()
+
+
+def test_train_refuses_a_broken_dataset(tmp_path) -> None:
+    r = CliRunner().invoke(app, ["train", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", "cpu"])
+    assert r.exit_code == 1 and "dataset.json" in r.output
