@@ -230,7 +230,7 @@ def grid_for(config: PhantomConfig, rng: np.random.Generator) -> tuple[tuple[int
     if config.size == "default":
         return (56, 144, 144), (dz, dxy, dxy), 0.95 * dxy  # head scaled to the field of view
     if config.size == "paper":
-        return (128, 512, 512), (dz, dxy, dxy), 1.3
+        return (150, 512, 512), (dz, dxy, dxy), 1.3
     raise SatsError(f"unknown phantom size {config.size!r} (default or paper)")
 
 
