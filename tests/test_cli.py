@@ -51,3 +51,34 @@ def test_truncated_nifti_given_to_commands(tmp_path) -> None:
 def test_train_refuses_a_broken_dataset(tmp_path) -> None:
     r = CliRunner().invoke(app, ["train", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", "cpu"])
     assert r.exit_code == 1 and "dataset.json" in r.output
+
+
+def test_train_refuses_a_dataset_that_fails_check(tmp_path) -> None:
+    import numpy as np
+
+    from sats.io import write_image
+    from test_training import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=2)
+    label = data / "labelsTr" / "case_000.nii.gz"
+    from sats.io import read_image
+
+    lab = read_image(label)
+    write_image(lab.with_array((lab.array * 2).astype(np.uint8)), label)  # label value 2
+    r = CliRunner().invoke(app, ["train", str(data), "--out", str(tmp_path / "run"), "--preset", "cpu"])
+    assert r.exit_code == 1 and "sats check" in r.output and "case_000" in r.output
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_resume_refuses_an_incompatible_run(tmp_path) -> None:
+    import json
+
+    from test_training import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    (run / "config.json").write_text(json.dumps({"format": 999, "train": {}}))
+    r = CliRunner().invoke(app, ["train", str(data), "--out", str(run), "--resume"])
+    assert r.exit_code == 1 and "incompatible" in r.output

@@ -188,7 +188,7 @@ def _plane_params(ct: Volume, start: Plane, params: np.ndarray) -> Plane:
     return Plane(ex + params[0] * ey + params[1] * ez, start.point + params[2] * ex)
 
 
-def find_plane(ct: Volume, levels_mm: tuple[float, ...] = (6.0, 3.0, 1.5), n_points: int = 40000) -> Alignment:
+def find_plane(ct: Volume, levels_mm: tuple[float, ...] = (6.0, 3.0, 1.5), n_points: int = 20000) -> Alignment:
     """Estimate the mid-sagittal plane of a head CT: the plane about which the CT best
     matches its own mirror.
 
@@ -244,7 +244,7 @@ def find_plane(ct: Volume, levels_mm: tuple[float, ...] = (6.0, 3.0, 1.5), n_poi
             params = min(grid, key=cost)
         step = sigma_mm
         res = minimize(cost, params, method="Powell",
-                       options={"xtol": 1e-4, "ftol": 1e-7, "direc": np.diag([0.02, 0.02, step])})
+                       options={"xtol": 1e-3, "ftol": 1e-6, "maxfev": 200, "direc": np.diag([0.02, 0.02, step])})
         params = res.x
     plane = _plane_params(ct, start, params)
     body = body_mask(ct.array)

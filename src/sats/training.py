@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.nn.parallel import DistributedDataParallel
 
 from sats import __version__
-from sats.dataset import list_cases, load_dataset_json
+from sats.dataset import check_dataset, list_cases, load_dataset_json
 from sats.inference import sliding_window_probabilities
 from sats.io import SatsError, atomic_path, read_image, write_text_atomic
 from sats.losses import SegmentationLoss, asymmetric_mask, margin_loss
@@ -353,10 +353,13 @@ def train(
             raise SatsError(f"{out}: nothing to resume (no checkpoint.pt)")
         saved = _read_config(out)
         cfg = config_from_dict(saved["train"])
-    load_dataset_json(dataset)
     if stage not in ("1", "2", "all"):
         raise SatsError(f"stage must be 1, 2 or all, not {stage!r}")
 
+    if rank == 0:
+        report = check_dataset(dataset)
+        if report.problems:
+            raise SatsError(f"{dataset}: fails `sats check` ({len(report.problems)} problem(s)); first: {report.problems[0]}")
     # Cases: rank 0 preprocesses, the others read its cache.
     cache = Path(cache) if cache else out / "cache"
     if rank == 0:
