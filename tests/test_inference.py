@@ -101,3 +101,14 @@ def test_collect_inputs_strips_channel_suffix(tmp_path) -> None:
     write_image(Volume(np.zeros((2, 2, 2), np.int16)), tmp_path / "p2.mha")
     items, single = collect_inputs(tmp_path)
     assert [c for c, _ in items] == ["p1", "p2"] and not single
+
+
+def test_keep_largest_component() -> None:
+    from sats.inference import keep_largest_component
+
+    m = np.zeros((5, 10, 10), bool)
+    m[1:4, 1:5, 1:5] = True  # 36 voxels
+    m[2, 8, 8] = True  # a stray island
+    out = keep_largest_component(m)
+    assert out.sum() == 36 and not out[2, 8, 8]
+    assert not keep_largest_component(np.zeros((2, 2, 2), bool)).any()

@@ -203,6 +203,7 @@ def predict(
     asymmetry_map: bool = typer.Option(False, "--asymmetry-map", help="Also write {case}_asymmetry: ||g(E) - g(E')|| per voxel."),
     fmt: str = typer.Option("nifti", "--format", help="nifti (mask image), rtstruct (RT Structure Set, ROI GTVp) or seg (DICOM SEG); the DICOM ones need DICOM CT input."),
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID of the CT series in a DICOM folder holding several (default: the CT series with most slices)."),
+    all_components: bool = typer.Option(False, "--all-components", help="Keep every predicted island (default: the largest connected region only)."),
 ) -> None:
     """Segment the GTV of one CT or a folder of CTs; masks keep each input's exact geometry."""
     from sats.inference import predict_paths
@@ -212,6 +213,7 @@ def predict(
     done, failed = predict_paths(
         input_path, output, model, device=device, precision=precision, overlap=1.0 - step, tta=tta,
         save_probabilities=save_probabilities, asymmetry_map=asymmetry_map, console=console, fmt=fmt, series_uid=series,
+        largest_component=not all_components,
     )
     if failed:
         _fail(f"{failed} of {done + failed} case(s) failed; the other {done} were written")

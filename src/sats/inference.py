@@ -140,6 +140,18 @@ def load_run(run: Path, device: torch.device | str = "cpu") -> LoadedRun:
     return LoadedRun(model.to(device).eval(), tuple(plan.patch_size), tuple(config["spacing"]), IntensityStats(**config["intensity"]), config)
 
 
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected region of a binary mask (the mask itself when empty)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
 def check_ct(volume: Volume, name: str) -> None:
     """Refuse images that are not CT in HU (a clear message rather than a silent bad mask)."""
     lo, hi = float(volume.array.min()), float(volume.array.max())
@@ -194,8 +206,13 @@ def predict_case(
     tta: bool = False,
     asymmetry_map: bool = False,
     on_window: Callable[[], None] | None = None,
+    largest_component: bool = True,
 ) -> Prediction:
-    """Predict one CT (HU, any grid); the outputs share the CT's exact geometry."""
+    """Predict one CT (HU, any grid); the outputs share the CT's exact geometry.
+
+    ``largest_component`` keeps only the largest 26-connected region of the mask: a
+    primary GTV is one mass, and stray false-positive islands far from it dominate HD95.
+    """
     import time
 
     t0 = time.time()
@@ -208,7 +225,10 @@ def predict_case(
         tta=tta, head=model.head if asymmetry_map else None, on_window=on_window,
     )
     prob_native = resample_to(pre.grid.with_array(prob), ct, order=1, default=0.0)
-    mask = ct.with_array((prob_native.array >= 0.5).astype(np.uint8))
+    binary = prob_native.array >= 0.5
+    if largest_component:
+        binary = keep_largest_component(binary)
+    mask = ct.with_array(binary.astype(np.uint8))
     asym_native = resample_to(pre.grid.with_array(asym), ct, order=1, default=0.0) if asym is not None else None
     return Prediction(mask, prob_native, asym_native, time.time() - t0)
 
@@ -309,6 +329,7 @@ def predict_paths(
     tta: bool = False,
     save_probabilities: bool = False,
     asymmetry_map: bool = False,
+    largest_component: bool = True,
     console=None,
     fmt: str = "nifti",
     series_uid: str | None = None,
@@ -376,7 +397,8 @@ def predict_paths(
                 ct, pre = future.result()
                 windows = progress.add_task(f"  {case_id}", total=count_windows(pre.image.shape, run.patch_size, overlap))
                 pred = predict_case(run, ct, pre, device=dev, precision=precision, overlap=overlap, tta=tta,
-                                    asymmetry_map=asymmetry_map, on_window=lambda: progress.advance(windows))
+                                    asymmetry_map=asymmetry_map, on_window=lambda: progress.advance(windows),
+                                    largest_component=largest_component)
                 progress.remove_task(windows)
                 paths = output_paths(output, case_id, single, fmt)
                 note = ""

@@ -89,8 +89,8 @@ class TrainConfig:
 
 def preset(name: str) -> TrainConfig:
     """``paper``: the paper's configuration. ``cpu``: small enough to train on the
-    default phantom in about ten minutes on 2 cores: coarser spacing, 8 base features,
-    20 short epochs, more tumour patches, and AdamW, which gets a small network going
+    default phantom in under ten minutes on 2 cores: coarser spacing, 8 base features,
+    19 short epochs, more tumour patches, and AdamW, which gets a small network going
     within a few hundred iterations where SGD at momentum 0.99 needs thousands. The
     stage-2 learning rates keep the paper's 1000:1 ratio of head to encoder-decoder."""
     if name == "paper":
@@ -98,7 +98,7 @@ def preset(name: str) -> TrainConfig:
     if name == "cpu":
         return TrainConfig(
             preset="cpu", patch_size=(24, 80, 80), spacing=(3.0, 1.6, 1.6), base_features=8,
-            max_features=128, stage1_epochs=16, stage2_epochs=4, iters_per_epoch=25, batch_size=2,
+            max_features=128, stage1_epochs=16, stage2_epochs=3, iters_per_epoch=25, batch_size=2,
             optimizer="adamw", lr=3e-3, stage2_backbone_lr=3e-6, foreground_fraction=0.5, val_every=2,
         )
     raise SatsError(f"unknown preset {name!r} (paper or cpu)")
