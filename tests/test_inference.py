@@ -107,8 +107,8 @@ def test_keep_largest_component() -> None:
     from sats.inference import keep_largest_component
 
     m = np.zeros((5, 10, 10), bool)
-    m[1:4, 1:5, 1:5] = True  # 36 voxels
+    m[1:4, 1:5, 1:5] = True  # 48 voxels
     m[2, 8, 8] = True  # a stray island
     out = keep_largest_component(m)
-    assert out.sum() == 36 and not out[2, 8, 8]
+    assert out.sum() == 48 and not out[2, 8, 8]
     assert not keep_largest_component(np.zeros((2, 2, 2), bool)).any()
