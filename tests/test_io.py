@@ -219,3 +219,12 @@ def test_real_dicom_copy_with_a_missing_slice(lung_dicom, tmp_path) -> None:
     (tmp_path / middle).unlink()
     with pytest.raises(SatsError, match="missing slice"):
         read_image(tmp_path)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path) -> None:
+    import os
+
+    path = write_image(Volume(np.zeros((2, 2, 2), np.uint8)), tmp_path / "m.nii.gz")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)

@@ -222,6 +222,10 @@ def write_image(volume: Volume, path: str | os.PathLike, compress: bool = True) 
     return path
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class atomic_path:
     """Context manager giving a temporary path beside ``path``; renamed onto it on success.
 
@@ -253,6 +257,7 @@ class atomic_path:
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self.tmp is not None
         if exc_type is None:
+            os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
