@@ -102,3 +102,12 @@ def test_real_head_ct_rotation_consistency(openkbp) -> None:
     expected = Plane(r @ before.normal, r @ (before.point - c) + c)
     assert expected.angle_to(after) < 1.0
     assert abs(after.signed_distance(expected.point)) < 1.0
+
+
+def test_registration_method_agrees_on_a_phantom() -> None:
+    case = make_case(11, 4)
+    true = Plane(case.pose["normal"], case.pose["point"])
+    found = estimate_plane(case.ct, method="registration").plane
+    assert true.angle_to(found) < 1.0 and abs(found.signed_distance(true.point)) < 1.0
+    with pytest.raises(SatsError, match="unknown plane method"):
+        estimate_plane(case.ct, method="guess")

@@ -2,14 +2,14 @@
 the plane becomes the central sagittal plane of the grid (then the left-right array flip
 of :mod:`sats.symmetry` is the anatomical mirror).
 
-**Atlas-free (default).** Register the CT to its own left-right mirror. If the head is
-symmetric about a plane P (reflection R_P), and the mirror is the reflection R0 about the
-grid's central plane, then the rigid transform T found by registering the CT (fixed) to
-its mirror (moving) satisfies ``R0 o T = R_P``: the plane is read off R0 o T (normal =
-the eigenvector of its linear part with eigenvalue -1, a point = the midpoint of any x
-and R_P(x)). The metric is the correlation of HU restricted to a body mask (couch and
-air excluded, metal clipped), multi-resolution; in trials here Mattes mutual information
-drifted by degrees where correlation stayed within tenths.
+**Atlas-free (default).** The plane about which the CT best matches its own reflection:
+normalised cross-correlation of HU (air to bone, metal clipped) at body voxels deeper
+than a few mm (couch, air, skin outline and a cut field of view left out), its three
+parameters (two tilts, one offset) optimised coarse to fine (:func:`find_plane`). The
+registration formulation is also here (:func:`find_plane_registration`): if the head is
+symmetric about P (reflection R_P) and the mirror is the reflection R0 about the grid's
+central plane, the rigid T found by registering the CT to its mirror satisfies
+``R0 o T = R_P``, and the plane is read off R0 o T. BENCHMARKS.md compares the two.
 
 **Atlas mode.** Affine registration to a symmetric atlas (the paper's way): the aligned
 image lives in atlas space, whose central sagittal plane is the atlas's plane.
@@ -197,9 +197,11 @@ def find_plane(ct: Volume, levels_mm: tuple[float, ...] = (6.0, 3.0, 1.5), n_poi
     SKIN_MARGIN_MM (couch, air and the skin outline excluded); the plane's three degrees
     of freedom (two tilts, one offset) are optimised coarse to fine on Gaussian-smoothed
     copies of the CT (Powell's method), starting from a small grid of tilts through the
-    body centroid. Registering the CT to its mirror with a 6-parameter rigid transform
-    gives the same plane in principle, but its three surplus parameters fit asymmetric
-    anatomy: on real CTs it was several times less repeatable (BENCHMARKS.md).
+    body centroid. :func:`find_plane_registration` (SimpleITK: register the CT to its
+    mirror with a 6-parameter rigid transform) gives the same plane in principle; measured
+    (BENCHMARKS.md) it was as repeatable on real CTs and more precise on phantoms, but about
+    2.6 times slower on real CTs and too slow for 512 x 512 x 150 scans at full sampling,
+    so this search is the default.
 
     Returns:
         The plane in the input's LPS mm and the symmetry score before (about the grid's
@@ -279,11 +281,14 @@ def aligned_volume(ct: Volume, plane: Plane, spacing: tuple[float, float, float]
     return aligned, transform
 
 
-def estimate_plane(ct: Volume, atlas: Volume | None = None) -> Alignment:
-    """The mid-sagittal plane by the chosen mode: self-mirror registration, or affine
-    registration to a symmetric ``atlas`` (whose central sagittal plane is its plane)."""
+def estimate_plane(ct: Volume, atlas: Volume | None = None, method: str = "symmetry") -> Alignment:
+    """The mid-sagittal plane by the chosen mode: the CT against its own mirror
+    (``method`` "symmetry": :func:`find_plane`; "registration": :func:`find_plane_registration`),
+    or affine registration to a symmetric ``atlas`` (whose central sagittal plane is its plane)."""
     if atlas is None:
-        result = find_plane(ct)
+        if method not in ("symmetry", "registration"):
+            raise SatsError(f"unknown plane method {method!r} (symmetry or registration)")
+        result = find_plane(ct) if method == "symmetry" else find_plane_registration(ct)
     else:
         result = plane_from_atlas(ct, atlas)
     if result.score_after < MIN_SYMMETRY:

@@ -249,6 +249,7 @@ def align(
     atlas: Optional[Path] = typer.Option(None, "--atlas", help="Symmetric atlas (from `sats make-atlas`): affine mode."),
     transform: Optional[Path] = typer.Option(None, "--transform", help="Write the rigid transform here (ITK .tfm; aligned -> input points)."),
     plane_json: Optional[Path] = typer.Option(None, "--plane-json", help="Write the plane and symmetry scores here."),
+    method: str = typer.Option("symmetry", "--method", help="symmetry (plane search, default) or registration (CT to its mirror, SimpleITK)."),
 ) -> None:
     """Find the mid-sagittal plane and resample the CT so it is the grid's central sagittal plane."""
     import json as _json
@@ -261,7 +262,7 @@ def align(
 
     ct = read_image(input_path)
     check_ct(ct, str(input_path))
-    result = estimate_plane(ct, read_image(atlas) if atlas else None)
+    result = estimate_plane(ct, read_image(atlas) if atlas else None, method=method)
     aligned, tfm = aligned_volume(ct, result.plane)
     write_image(aligned, output)
     if transform is not None:
