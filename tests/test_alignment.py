@@ -111,3 +111,15 @@ def test_registration_method_agrees_on_a_phantom() -> None:
     assert true.angle_to(found) < 1.0 and abs(found.signed_distance(true.point)) < 1.0
     with pytest.raises(SatsError, match="unknown plane method"):
         estimate_plane(case.ct, method="guess")
+
+
+def test_atlas_mode_finds_the_plane_through_a_symmetric_atlas(tmp_path) -> None:
+    from sats.alignment import make_atlas
+
+    atlas = make_atlas([make_case(21, i, config=PhantomConfig(tumor_free=True)).ct for i in range(2)], spacing=(3.0, 2.0, 2.0))
+    np.testing.assert_allclose(atlas.array, mirror_lr(atlas.array), atol=1e-3)  # symmetric by construction
+    case = make_case(22, 0)
+    true = Plane(case.pose["normal"], case.pose["point"])
+    found = estimate_plane(case.ct, atlas=atlas).plane
+    # Affine freedom makes atlas mode coarser than the self-mirror search (see its docstring).
+    assert true.angle_to(found) < 4.0 and abs(found.signed_distance(true.point)) < 2.0
