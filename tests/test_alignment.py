@@ -123,3 +123,40 @@ def test_atlas_mode_finds_the_plane_through_a_symmetric_atlas(tmp_path) -> None:
     found = estimate_plane(case.ct, atlas=atlas).plane
     # Affine freedom makes atlas mode coarser than the self-mirror search (see its docstring).
     assert true.angle_to(found) < 4.0 and abs(found.signed_distance(true.point)) < 2.0
+
+
+def _perturbed(kind: str):
+    """A posed phantom (with tumour and couch) plus one real-world nuisance, fixed to the grid."""
+    case = make_case(31, 2)
+    ct = case.ct.array.astype(np.float32)
+    nz, ny, nx = ct.shape
+    zz, yy, xx = np.mgrid[:nz, :ny, :nx]
+    if kind == "immobilisation mask":
+        # A thin thermoplastic shell (+150 HU, about 2 mm) on a cylinder centred on the
+        # grid, not on the head, covering the front half.
+        r = np.hypot((yy - ny / 2) * 1.0, (xx - nx / 2) * 1.0)
+        shell = (np.abs(r - 0.47 * nx) < 1.2) & (yy < ny * 0.55)
+        ct[shell] = 150.0
+    elif kind == "cut field of view":
+        ct[:, :, : int(0.12 * nx)] = -1024.0  # one side cut off
+        ct[-6:] = -1024.0  # and the skull top
+    elif kind == "dental metal streaks":
+        cz = nz // 2 - 8
+        cy, cx = int(0.22 * ny), int(0.62 * nx)  # off the midline
+        for angle in np.linspace(0, np.pi, 7, endpoint=False):
+            t = np.arange(-60, 61)
+            ys = np.clip((cy + t * np.sin(angle)).astype(int), 0, ny - 1)
+            xs = np.clip((cx + t * np.cos(angle)).astype(int), 0, nx - 1)
+            for dz in range(-2, 3):
+                ct[cz + dz, ys, xs] = 1500.0 if angle < np.pi / 2 else -700.0
+        ct[cz - 2 : cz + 3, cy - 2 : cy + 3, cx - 2 : cx + 3] = 3071.0
+    return case, case.ct.with_array(ct.astype(np.int16))
+
+
+@pytest.mark.parametrize("kind", ["immobilisation mask", "cut field of view", "dental metal streaks"])
+def test_plane_is_robust_to_nuisances(kind: str) -> None:
+    case, ct = _perturbed(kind)
+    true = Plane(case.pose["normal"], case.pose["point"])
+    found = find_plane(ct).plane
+    assert true.angle_to(found) < 1.5, kind
+    assert abs(found.signed_distance(true.point)) < 1.0, kind
