@@ -196,7 +196,7 @@ def _plane_params(ct: Volume, start: Plane, params: np.ndarray) -> Plane:
     return Plane(ex + params[0] * ey + params[1] * ez, start.point + params[2] * ex)
 
 
-def find_plane(ct: Volume, levels_mm: tuple[float, ...] = (6.0, 3.0, 1.5), n_points: int = 20000) -> Alignment:
+def find_plane(ct: Volume, levels_mm: tuple[float, ...] = (6.0, 3.0, 1.5), n_points: int = 60000) -> Alignment:
     """Estimate the mid-sagittal plane of a head CT: the plane about which the CT best
     matches its own mirror.
 
