@@ -332,7 +332,7 @@ def plane_from_atlas(ct: Volume, atlas: Volume, iterations: int = 200) -> Alignm
     atlas_plane = grid_centre_plane(atlas)
     fixed, fixed_mask, _ = _prepare(atlas, 4.0)
     moving, moving_mask, centroid = _prepare(ct, 4.0)
-    affine = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    affine = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.GEOMETRY)
     _register_to_atlas(fixed, moving, fixed_mask, affine, iterations)
     a, b = _affine_parts(affine)
     # Atlas point q -> CT point a q + b. A plane's normal maps by the inverse transpose.
