@@ -252,12 +252,10 @@ def align(
     method: str = typer.Option("symmetry", "--method", help="symmetry (plane search, default) or registration (CT to its mirror, SimpleITK)."),
 ) -> None:
     """Find the mid-sagittal plane and resample the CT so it is the grid's central sagittal plane."""
-    import json as _json
-
     import SimpleITK as sitk
 
-    from sats.alignment import aligned_volume, estimate_plane
-    from sats.io import atomic_path, read_image, write_image, write_text_atomic
+    from sats.alignment import aligned_volume, estimate_plane, write_plane_json
+    from sats.io import atomic_path, read_image, write_image
     from sats.inference import check_ct
 
     ct = read_image(input_path)
@@ -269,7 +267,7 @@ def align(
         with atomic_path(transform, suffix=".tfm") as tmp:
             sitk.WriteTransform(tfm, str(tmp))
     if plane_json is not None:
-        write_text_atomic(plane_json, _json.dumps(result.to_dict(), indent=2))
+        write_plane_json(result, plane_json)
     n, p = result.plane.normal, result.plane.point
     console.print(
         f"plane normal ({n[0]:.4f}, {n[1]:.4f}, {n[2]:.4f}), point ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) mm LPS; "
