@@ -135,18 +135,12 @@ def ct_volume(direction=None) -> Volume:
     return Volume(array, spacing=(3.0, 0.75, 0.8), origin=(-100.0, -80.5, 40.0), direction=np.eye(3) if direction is None else direction)
 
 
-def test_dicom_series_round_trip(tmp_path) -> None:
-    ct = ct_volume(rotation(0, 0))
+@pytest.mark.parametrize("yaw, roll", [(0, 0), (12, 5)], ids=["axial", "oblique"])
+@pytest.mark.parametrize("reader", [read_dicom_series, read_image], ids=["read_dicom_series", "read_image"])
+def test_dicom_series_round_trip(tmp_path, yaw: float, roll: float, reader) -> None:
+    ct = ct_volume(rotation(yaw, roll))
     write_ct_series(ct, tmp_path / "ct")
-    back = read_dicom_series(tmp_path / "ct")
-    np.testing.assert_array_equal(back.array, ct.array)
-    assert back.same_geometry(ct, tol_mm=1e-4) is None
-
-
-def test_dicom_oblique_series_round_trip(tmp_path) -> None:
-    ct = ct_volume(rotation(12, 5))
-    write_ct_series(ct, tmp_path / "ct")
-    back = read_image(tmp_path / "ct")
+    back = reader(tmp_path / "ct")
     np.testing.assert_array_equal(back.array, ct.array)
     assert back.same_geometry(ct, tol_mm=1e-4) is None
 
