@@ -18,11 +18,14 @@ couch (grid-fixed)              -700 core, +250 shells      posterior slab under
 skin / subcutaneous fat         -100                        outer 4 mm of the body
 soft tissue (background)        +35                         inside the body
 brain                           +32                         above the skull base
-skull vault, cortical bone      +1000                       6 mm shell above z = +18
+skull vault, cortical bone      +1000                       6 mm shell above z = +18, and
+                                                            behind y = +30 down to z = -6
+                                                            (occipital bone, posterior fossa)
 skull base, clivus              +650                        plate z = +14..+22, clivus posterior
 mastoid / petrous bone          +900                        x = +-44, y = +28
 maxilla, hard palate            +700                        plate z = -12..-7, anterior
-mandible (cortex / marrow)      +1100 / +350                rami x = +-44, body anterior
+mandible (cortex / marrow)      +1100 / +350                rami x = +-44 up to the condyles
+                                                            (z = +18), body anterior
 cervical spine (C1-C2)          +800 cortex, +300 marrow    y = +36, z < -6; cord +35
 nasal septum                    +300                        x = 0, nasal cavity
 turbinates, mucosa              +45                         nasal cavity, 2.5 mm airway lining
@@ -134,6 +137,9 @@ def _anatomy(p: _Painter, tumour: np.ndarray | None, airway_shift: float, contra
     vault = p.ellipsoid((0, 6, 26), (52, 58, 70)) & (z > 18 * s)
     p.paint(vault, 1000.0)
     p.paint(p.ellipsoid((0, 6, 26), (46, 52, 64)) & (z > 22 * s), 32.0)
+    # Occipital bone around the posterior fossa (cerebellum), down to the foramen magnum.
+    p.paint(p.ellipsoid((0, 6, 26), (52, 58, 70)) & (y > 30 * s) & (z > -6 * s) & (z <= 22 * s), 1000.0)
+    p.paint(p.ellipsoid((0, 6, 26), (46, 52, 64)) & (y > 30 * s) & (z > -2 * s) & (z <= 22 * s), 32.0)
     # Skull base plate and clivus.
     p.paint(p.ellipsoid((0, 10, 18), (44, 40, 5)), 650.0)
     clivus = p.ellipsoid((0, 22, 6), (9, 6, 16))
@@ -153,7 +159,7 @@ def _anatomy(p: _Painter, tumour: np.ndarray | None, airway_shift: float, contra
     p.paint(nasal & (np.abs(x) < 1.2 * s), 300.0)  # septum
     # Tongue below the palate; mandible rami and body; masseters.
     p.paint(p.ellipsoid((0, -24, -26), (24, 26, 13)), 60.0)
-    ramus = p.tube((43, 2), (5, 11), (-55, -2), mirror=True)
+    ramus = p.tube((43, 2), (5, 11), (-55, -2), mirror=True) | p.ellipsoid((44, 4, 8), (5, 6, 10), mirror=True)  # + condyle
     mand_body = p.ellipsoid((0, -26, -48), (40, 34, 7)) & ~p.ellipsoid((0, -22, -48), (33, 28, 8))
     p.paint(p.tube((50, 2), (6, 14), (-50, -5), mirror=True), 52.0)  # masseter
     p.paint(ramus | mand_body, 1100.0)
