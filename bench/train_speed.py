@@ -14,10 +14,9 @@ import time
 
 import torch
 
-from sats.losses import SegmentationLoss, asymmetric_mask, margin_loss
+from sats.losses import SegmentationLoss
 from sats.network import SATsNet, count_parameters, plan_network
-from sats.symmetry import mirror_lr
-from sats.training import _stage_optimizer, preset
+from sats.training import preset, stage_optimizer, train_step
 
 
 def main() -> None:
@@ -41,8 +40,8 @@ def main() -> None:
     print(f"preset {cfg.preset}, patch {cfg.patch_size}, batch {b} (x2 Siamese), {count_parameters(model.encoder_decoder):,} parameters, "
           f"device {dev}{' ' + torch.cuda.get_device_name(dev) if dev.type == 'cuda' else ''}, amp {args.amp}")
     print(f"{'stage':>5} {'it/s':>8} {'s/it':>8} {'peak GiB':>9}")
-    for stage in (1, 2):
-        opt = _stage_optimizer(model, cfg, stage)
+    for stage in ("1", "2"):
+        opt = stage_optimizer(model, cfg, stage)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         for i in range(args.warmup + args.iters):
@@ -50,15 +49,7 @@ def main() -> None:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 t0 = time.perf_counter()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp):
-                out = model(x, mirror_lr(x), with_features=stage == 2)
-            terms = seg_loss(torch.cat([out["logits"], out["logits_mirror"]]).float(), torch.cat([s, mirror_lr(s)]))
-            loss = terms["dice"] + terms["ce"]
-            if stage == 2:
-                loss = loss + cfg.beta * margin_loss(out["proj"].float(), out["proj_mirror"].float(), asymmetric_mask(s), cfg.margin)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(model, x, s, cfg, stage, opt, seg_loss, use_amp=args.amp)  # the step sats train runs
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = (time.perf_counter() - t0) / args.iters

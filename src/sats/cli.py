@@ -54,24 +54,49 @@ def phantom(
     cases: int = typer.Option(20, "--cases", min=0, help="Training cases (imagesTr/labelsTr)."),
     test_cases: int = typer.Option(0, "--test-cases", min=0, help="Test cases (imagesTs/labelsTs)."),
     seed: int = typer.Option(0, "--seed", help="Random seed; same seed, same dataset."),
-    tumor_contrast: float = typer.Option(12.0, "--tumor-contrast", help="GTV minus muscle, HU."),
-    bilateral_fraction: float = typer.Option(0.25, "--bilateral-fraction", min=0.0, max=1.0, help="Share of tumours crossing the midline."),
-    max_angle: float = typer.Option(10.0, "--max-angle", min=0.0, help="Largest head yaw and roll, degrees."),
-    max_shift: float = typer.Option(10.0, "--max-shift", min=0.0, help="Largest head shift, mm."),
-    noise: float = typer.Option(20.0, "--noise", min=0.0, help="Scanner noise standard deviation, HU."),
-    size: str = typer.Option("default", "--size", help="'default' (CPU-sized grid) or 'paper' (full-size volumes)."),
+    background: Optional[Path] = typer.Option(None, "--background", help="Real CTs to insert GTVs into: a folder of CT images, or a dataset (its imagesTr for training cases, imagesTs for test cases)."),
+    tumor_contrast: Optional[float] = typer.Option(None, "--tumor-contrast", help="GTV minus muscle, HU (default 12; with --background drawn from 0-15 per case)."),
+    bilateral_fraction: Optional[float] = typer.Option(None, "--bilateral-fraction", min=0.0, max=1.0, help="Share of tumours crossing the midline (default 0.25; 0.2 with --background)."),
+    volume_ml: Optional[tuple[float, float]] = typer.Option(None, "--volume-ml", help="With --background: GTV volume range LO HI in ml, drawn log-uniformly (default 5 60)."),
+    max_angle: Optional[float] = typer.Option(None, "--max-angle", min=0.0, help="Largest head yaw and roll, degrees (default 10)."),
+    max_shift: Optional[float] = typer.Option(None, "--max-shift", min=0.0, help="Largest head shift, mm (default 10)."),
+    noise: Optional[float] = typer.Option(None, "--noise", min=0.0, help="Scanner noise standard deviation, HU (default 20)."),
+    size: Optional[str] = typer.Option(None, "--size", help="'default' (CPU-sized grid) or 'paper' (full-size volumes)."),
     tumor_free: bool = typer.Option(False, "--tumor-free", help="No tumour (for symmetry checks)."),
 ) -> None:
-    """Write a synthetic head-and-neck planning-CT dataset with NPC GTV labels."""
+    """Write a synthetic head-and-neck planning-CT dataset with NPC GTV labels, or (with
+    --background) real CTs with inserted NPC-like GTVs."""
+    if background is not None:
+        from sats.lesion import LesionConfig, write_lesion_dataset
+
+        analytic_only = {"--max-angle": max_angle, "--max-shift": max_shift, "--noise": noise, "--size": size,
+                         "--tumor-free": tumor_free or None}
+        given = [k for k, v in analytic_only.items() if v is not None]
+        if given:
+            raise SatsError(f"{', '.join(given)}: options of the analytic phantom, not used with --background")
+        config = LesionConfig(
+            tumor_contrast=tumor_contrast,
+            bilateral_fraction=0.2 if bilateral_fraction is None else bilateral_fraction,
+            volume_ml=tuple(volume_ml) if volume_ml else (5.0, 60.0),
+        )
+        result = write_lesion_dataset(out, background, n_train=cases, n_test=test_cases, seed=seed, config=config, console=console)
+        console.print(f"{out}: {result['train']} training and {result['test']} test cases, "
+                      f"{result['skipped']} background CT(s) not used (reasons in skipped.json)")
+        for split, got, wanted in (("training", result["train"], cases), ("test", result["test"], test_cases)):
+            if got < wanted:
+                err_console.print(f"[yellow]warning:[/] only {got} of {wanted} {split} cases: too few usable background CTs")
+        return
+    if volume_ml is not None:
+        raise SatsError("--volume-ml: only with --background (the analytic phantom sets its GTV size itself)")
     from sats.phantom import PhantomConfig, write_phantom_dataset
 
     config = PhantomConfig(
-        tumor_contrast=tumor_contrast,
-        bilateral_fraction=bilateral_fraction,
-        max_angle=max_angle,
-        max_shift=max_shift,
-        noise=noise,
-        size=size,
+        tumor_contrast=12.0 if tumor_contrast is None else tumor_contrast,
+        bilateral_fraction=0.25 if bilateral_fraction is None else bilateral_fraction,
+        max_angle=10.0 if max_angle is None else max_angle,
+        max_shift=10.0 if max_shift is None else max_shift,
+        noise=20.0 if noise is None else noise,
+        size=size or "default",
         tumor_free=tumor_free,
     )
     write_phantom_dataset(out, n_train=cases, n_test=test_cases, seed=seed, config=config, console=console)
@@ -152,6 +177,9 @@ def train(
     iters_per_epoch: Optional[int] = typer.Option(None, "--iters-per-epoch", min=1),
     fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoint.pt."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="unet, siamese, margin-no-head, sats or sats-joint (see sats ablation)."),
+    spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Training spacing Z Y X mm (default: the preset's, following the data where it is coarser)."),
+    patch_size: Optional[tuple[int, int, int]] = typer.Option(None, "--patch-size", help="Patch D H W voxels."),
     no_projection_head: bool = typer.Option(False, "--no-projection-head", help="Ablation: margin loss on the decoder features."),
     no_margin: bool = typer.Option(False, "--no-margin", help="Ablation: no margin loss (stage 2 fine-tunes Dice + BCE only)."),
     asym_region: str = typer.Option("paper", "--asym-region", help="paper (Eq. 1: s - s∩s') or union (s XOR s')."),
@@ -186,7 +214,55 @@ def train(
     for name, value in (("beta", beta), ("margin", margin), ("batch_size", batch_size), ("num_workers", workers)):
         if value is not None:
             setattr(cfg, name, value)
+    if spacing is not None:
+        cfg.spacing, cfg.follow_data = tuple(spacing), False
+    if patch_size is not None:
+        cfg.patch_size = tuple(patch_size)
+    if variant is not None:
+        from sats.ablation import VARIANTS
+
+        if variant not in VARIANTS:
+            raise SatsError(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+        for key, value in VARIANTS[variant].items():
+            setattr(cfg, key, value)
+    cfg.__post_init__()
     run_training(dataset, out, cfg, stage=stage, resume=resume, cache=cache, device=device, console=console)
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SatsError(f"{what} must be comma-separated integers, not {text!r}") from None
+
+
+@app.command()
+@user_errors
+def ablation(
+    dataset: Path = typer.Argument(..., help="Dataset in nnU-Net raw layout with imagesTs/labelsTs (the test split)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Study folder (resumed when it exists)."),
+    preset_name: str = typer.Option("cpu", "--preset", help="paper or cpu."),
+    variants: str = typer.Option("unet,siamese,margin-no-head,sats,sats-joint", "--variants", help="Comma-separated variants."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds."),
+    fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Total epochs per run (split 4:1 between the stages)."),
+    iters_per_epoch: Optional[int] = typer.Option(None, "--iters-per-epoch", min=1),
+    spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Training spacing Z Y X mm (default: the preset's, following the data where it is coarser)."),
+    patch_size: Optional[tuple[int, int, int]] = typer.Option(None, "--patch-size", help="Patch D H W voxels."),
+    no_align: bool = typer.Option(False, "--no-align", help="Skip the mid-sagittal alignment (mirror about the grid centre)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+) -> None:
+    """Train, predict and evaluate each variant x seed; paired statistics against unet and siamese."""
+    from sats.ablation import AblationSettings, run_ablation
+
+    settings = AblationSettings(
+        dataset=str(dataset.resolve()), preset=preset_name, variants=[v.strip() for v in variants.split(",") if v.strip()],
+        seeds=_int_list(seeds, "--seeds"), fold=fold, epochs=epochs, iters_per_epoch=iters_per_epoch,
+        spacing=list(spacing) if spacing else None, patch_size=list(patch_size) if patch_size else None,
+        align=not no_align,
+    )
+    run_ablation(settings, out, console=console, device=device)
+    console.print(f"[bold green]done[/]: {out / 'summary.md'}, {out / 'cases.csv'}, {out / 'ablation.png'}")
 
 
 @app.command()

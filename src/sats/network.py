@@ -166,6 +166,8 @@ class SATsNet(nn.Module):
     ``logits`` and ``logits_mirror`` ``(B, 1, D, H, W)``; ``proj`` and ``proj_mirror``
     ``(B, 16, D, H, W)`` = g(E), g(E') when the head exists, else E and E' themselves
     (the paper's "no projection head" ablation computes the margin loss on E).
+    ``forward(x, None)`` runs the CT branch alone (the plain U-Net baseline): ``logits``
+    (and ``proj`` with features).
     At inference only the encoder-decoder is needed: call ``model.encoder_decoder(x)``.
     """
 
@@ -174,7 +176,13 @@ class SATsNet(nn.Module):
         self.encoder_decoder = EncoderDecoder(plan, residual=residual)
         self.head = ProjectionHead(self.encoder_decoder.feature_channels, head_channels) if projection_head else None
 
-    def forward(self, x: torch.Tensor, x_mirror: torch.Tensor, with_features: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, x_mirror: torch.Tensor | None, with_features: bool = True) -> dict[str, torch.Tensor]:
+        if x_mirror is None:
+            logits, e = self.encoder_decoder(x)
+            out = {"logits": logits}
+            if with_features:
+                out["proj"] = self.head(e) if self.head is not None else e
+            return out
         b = x.shape[0]
         logits, e = self.encoder_decoder(torch.cat([x, x_mirror], dim=0))
         out = {"logits": logits[:b], "logits_mirror": logits[b:]}

@@ -81,10 +81,54 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     amp: bool = True  # bf16 autocast on CUDA
+    # Ablations and baselines (sats ablation): siamese=False trains the encoder-decoder on
+    # the CT alone (a plain U-Net with left-right flip augmentation); schedule "joint" runs
+    # the head and the margin loss from the first epoch in one stage of total_epochs.
+    siamese: bool = True
+    schedule: str = "two-stage"  # "two-stage" (the paper) or "joint"
+    # When the preset's spacing is more than 1.5 times finer than the data's median along an
+    # axis, use the data's spacing there and a patch covering the same millimetres.
+    follow_data: bool = True
+    grad_clip: float = 12.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("two-stage", "joint"):
+            raise SatsError(f"schedule must be two-stage or joint, not {self.schedule!r}")
+        if self.margin_loss and not self.siamese:
+            raise SatsError("the margin loss compares the two branches: it needs siamese=True")
 
     @property
     def total_epochs(self) -> int:
         return self.stage1_epochs + self.stage2_epochs
+
+    def stage(self, epoch: int) -> str:
+        """The stage an epoch (from 0) belongs to: "1", "2" or "joint"."""
+        if self.schedule == "joint":
+            return "joint"
+        return "1" if epoch < self.stage1_epochs else "2"
+
+
+def fit_to_data(cfg: TrainConfig, data_spacing: tuple[float, float, float]) -> tuple[tuple, tuple]:
+    """(spacing, patch size) to train at: the configuration's, except where
+    ``cfg.follow_data`` and the configured spacing would up-sample the data more than 1.5
+    times along an axis; there the data's spacing and a patch of the same extent in mm
+    (rounded up to a multiple of 8 voxels, at least 16) are used.
+
+    Example:
+        >>> cfg = preset("cpu")  # 24 x 80 x 80 voxels at 3 x 1.6 x 1.6 mm
+        >>> fit_to_data(cfg, (2.5, 3.9, 3.9))  # OpenKBP: 4 mm in-plane
+        ((3.0, 3.9, 3.9), (24, 40, 40))
+    """
+    if cfg.spacing is None:
+        return tuple(float(s) for s in data_spacing), tuple(cfg.patch_size)
+    spacing, patch = list(cfg.spacing), list(cfg.patch_size)
+    if cfg.follow_data:
+        for a in range(3):
+            if data_spacing[a] > 1.5 * cfg.spacing[a]:
+                mm = cfg.patch_size[a] * cfg.spacing[a]
+                spacing[a] = float(data_spacing[a])
+                patch[a] = max(16, int(8 * math.ceil(mm / spacing[a] / 8)))
+    return tuple(float(s) for s in spacing), tuple(int(p) for p in patch)
 
 
 def preset(name: str) -> TrainConfig:
@@ -141,18 +185,11 @@ def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console
     and cache the arrays as .npy under ``cache``; later runs reuse them."""
     from sats.alignment import estimate_plane
 
-    spacing = cfg.spacing
+    if cfg.spacing is None:
+        raise ValueError("prepare_cases needs cfg.spacing set (see fit_to_data)")
+    spacing = tuple(float(v) for v in cfg.spacing)
     align = alignment_mode(cfg)
-    cases = list_cases(dataset, "Tr")
-    if not cases:
-        raise SatsError(f"{dataset}: no training cases in imagesTr")
-    missing = [c.case_id for c in cases if c.label is None]
-    if missing:
-        raise SatsError(f"{dataset}: no label for {', '.join(missing[:5])} (run `sats check {dataset}`)")
-    if spacing is None:
-        spacings = [read_image_header_spacing(c.image) for c in cases]
-        spacing = tuple(float(v) for v in np.median(np.array(spacings), axis=0))
-    spacing = tuple(float(v) for v in spacing)
+    cases = training_cases(dataset)
     meta_file = cache / "meta.json"
     files = [c.image for c in cases] + [c.label for c in cases]  # type: ignore[misc]
     if meta_file.exists():
@@ -192,6 +229,23 @@ def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console
     write_text_atomic(meta_file, json.dumps({"key": _cache_key(files, spacing, stats, align), "spacing": list(spacing),
                                              "stats": stats.to_dict(), "align": align, "planes": planes}, indent=2))
     return _load_cache(cache, [c.case_id for c in cases]), stats, spacing
+
+
+def training_cases(dataset: Path):
+    """The labelled training cases of a dataset (an error when there are none or a label is missing)."""
+    cases = list_cases(dataset, "Tr")
+    if not cases:
+        raise SatsError(f"{dataset}: no training cases in imagesTr")
+    missing = [c.case_id for c in cases if c.label is None]
+    if missing:
+        raise SatsError(f"{dataset}: no label for {', '.join(missing[:5])} (run `sats check {dataset}`)")
+    return cases
+
+
+def median_spacing(dataset: Path) -> tuple[float, float, float]:
+    """Median voxel spacing (z, y, x) mm of the training images (read from the headers)."""
+    spacings = [read_image_header_spacing(c.image) for c in training_cases(dataset)]
+    return tuple(float(v) for v in np.median(np.array(spacings), axis=0))  # type: ignore[return-value]
 
 
 def read_image_header_spacing(path: Path) -> tuple[float, float, float]:
@@ -296,15 +350,16 @@ def validate(model: SATsNet, cases: list[CaseArrays], cfg: TrainConfig, device: 
     return float(np.mean(dices))
 
 
-def _stage_optimizer(model: SATsNet, cfg: TrainConfig, stage: int) -> torch.optim.Optimizer:
-    """Stage 1: the encoder-decoder at ``lr``. Stage 2: the head at ``lr``, the
-    encoder-decoder at ``stage2_backbone_lr``. Parameters outside the stage are frozen."""
+def stage_optimizer(model: SATsNet, cfg: TrainConfig, stage: str) -> torch.optim.Optimizer:
+    """Stage "1": the encoder-decoder at ``lr``. Stage "2": the head at ``lr``, the
+    encoder-decoder at ``stage2_backbone_lr``. "joint": both at ``lr``. The head is
+    trained only where the margin loss is on; parameters outside the stage are frozen."""
     backbone = list(model.encoder_decoder.parameters())
     head = list(model.head.parameters()) if model.head is not None else []
-    train_head = stage == 2 and cfg.margin_loss and bool(head)
+    train_head = stage in ("2", "joint") and cfg.margin_loss and bool(head)
     for p in head:
         p.requires_grad_(train_head)
-    groups = [{"params": backbone, "lr": cfg.lr if stage == 1 else cfg.stage2_backbone_lr, "name": "backbone"}]
+    groups = [{"params": backbone, "lr": cfg.stage2_backbone_lr if stage == "2" else cfg.lr, "name": "backbone"}]
     if train_head:
         groups.append({"params": head, "lr": cfg.lr, "name": "head"})
     for g in groups:
@@ -312,6 +367,56 @@ def _stage_optimizer(model: SATsNet, cfg: TrainConfig, stage: int) -> torch.opti
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+
+
+def stage_epochs(cfg: TrainConfig, epoch: int) -> tuple[int, int]:
+    """(epoch within its stage, epochs of that stage): the clock of the poly schedule."""
+    stage = cfg.stage(epoch)
+    if stage == "2":
+        return epoch - cfg.stage1_epochs, cfg.stage2_epochs
+    return epoch, (cfg.total_epochs if stage == "joint" else cfg.stage1_epochs)
+
+
+def train_step(
+    net: torch.nn.Module,
+    x: torch.Tensor,
+    s: torch.Tensor,
+    cfg: TrainConfig,
+    stage: str,
+    optimizer: torch.optim.Optimizer,
+    seg_loss: SegmentationLoss,
+    use_amp: bool = False,
+) -> dict[str, float]:
+    """One optimiser step on a batch: CT patches ``x`` and labels ``s``, (B, 1, D, H, W).
+
+    Siamese: Dice + BCE on both branches (the mirror's label is the mirrored label), plus
+    ``beta`` times the margin loss where the stage has it. Not siamese (the U-Net
+    baseline): Dice + BCE on the CT alone. Gradients are clipped to ``cfg.grad_clip``.
+    Returns the loss terms as floats.
+    """
+    model = net.module if isinstance(net, DistributedDataParallel) else net
+    with_margin = stage in ("2", "joint") and cfg.margin_loss
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        if cfg.siamese:
+            outputs = net(x, mirror_lr(x), with_features=with_margin)
+            logits, target = torch.cat([outputs["logits"], outputs["logits_mirror"]]), torch.cat([s, mirror_lr(s)])
+        else:
+            outputs = net(x, None, with_features=False)
+            logits, target = outputs["logits"], s
+    terms = seg_loss(logits.float(), target)
+    loss = terms["dice"] + terms["ce"]
+    if with_margin:
+        asym = asymmetric_mask(s, region=cfg.asym_region)  # type: ignore[arg-type]
+        terms["margin"] = margin_loss(outputs["proj"].float(), outputs["proj_mirror"].float(), asym, cfg.margin)
+        loss = loss + cfg.beta * terms["margin"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    out = {k: float(v.detach()) for k, v in terms.items()}
+    out["loss"] = float(loss.detach())
+    out.setdefault("margin", 0.0)
+    return out
 
 
 def config_from_dict(d: dict) -> TrainConfig:
@@ -355,11 +460,16 @@ def train(
         cfg = config_from_dict(saved["train"])
     if stage not in ("1", "2", "all"):
         raise SatsError(f"stage must be 1, 2 or all, not {stage!r}")
+    if stage != "all" and cfg.schedule == "joint":
+        raise SatsError("the joint schedule has one stage: train it with --stage all")
 
     if rank == 0:
         report = check_dataset(dataset)
         if report.problems:
             raise SatsError(f"{dataset}: fails `sats check` ({len(report.problems)} problem(s)); first: {report.problems[0]}")
+    # The grid to train on: the configuration's, fitted to the data's spacing.
+    if not resume:
+        cfg.spacing, cfg.patch_size = fit_to_data(cfg, median_spacing(dataset))
     # Cases: rank 0 preprocesses, the others read its cache.
     cache = Path(cache) if cache else out / "cache"
     if rank == 0:
@@ -414,23 +524,23 @@ def train(
         )
 
     seg_loss = SegmentationLoss()
-    optimizer, net, current_stage = None, model, 0
+    optimizer, net, current_stage = None, model, ""
     use_amp = cfg.amp and dev.type == "cuda"
     t_start = time.time()
     if max_epochs is not None:
         last = min(last, first + max_epochs)
     for epoch in range(first, last):
-        st = 1 if epoch < cfg.stage1_epochs else 2
+        st = cfg.stage(epoch)
         if st != current_stage:
-            optimizer = _stage_optimizer(model, cfg, st)
-            if ckpt is not None and int(ckpt["stage"]) == st:
+            optimizer = stage_optimizer(model, cfg, st)
+            if ckpt is not None and str(ckpt["stage"]) == st:
                 optimizer.load_state_dict(ckpt["optimizer"])
             net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if distributed else model
             current_stage = st
-        e0, n_ep = (epoch, cfg.stage1_epochs) if st == 1 else (epoch - cfg.stage1_epochs, cfg.stage2_epochs)
+        e0, n_ep = stage_epochs(cfg, epoch)
         for g in optimizer.param_groups:
             g["lr"] = poly_lr(g["initial_lr"], e0, n_ep, cfg.poly_exponent)
-        with_margin = st == 2 and cfg.margin_loss
+        with_margin = st in ("2", "joint") and cfg.margin_loss
         loader = torch.utils.data.DataLoader(
             PatchStream(train_cases, cfg, epoch, rank), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
             pin_memory=dev.type == "cuda", persistent_workers=False,
@@ -442,22 +552,9 @@ def train(
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.total_epochs} (stage {st})", total=cfg.iters_per_epoch, info="")
             for it, (x, s) in enumerate(loader, 1):
                 x, s = x.to(dev, non_blocking=True), s.to(dev, non_blocking=True).float()
-                x_m, s_m = mirror_lr(x), mirror_lr(s)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                    outputs = net(x, x_m, with_features=with_margin)
-                terms = seg_loss(torch.cat([outputs["logits"], outputs["logits_mirror"]]).float(), torch.cat([s, s_m]))
-                loss = terms["dice"] + terms["ce"]
-                if with_margin:
-                    asym = asymmetric_mask(s, region=cfg.asym_region)  # type: ignore[arg-type]
-                    terms["margin"] = margin_loss(outputs["proj"].float(), outputs["proj_mirror"].float(), asym, cfg.margin)
-                    loss = loss + cfg.beta * terms["margin"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-                optimizer.step()
-                sums["loss"] += float(loss.detach())
-                for k in ("dice", "ce", "margin"):
-                    sums[k] += float(terms[k].detach()) if k in terms else 0.0
+                terms = train_step(net, x, s, cfg, st, optimizer, seg_loss, use_amp)
+                for k in sums:
+                    sums[k] += terms[k]
                 progress.update(task, advance=1, info=" ".join(f"{k} {v / it:.3f}" for k, v in sums.items() if k != "margin" or with_margin))
         row = {"epoch": epoch + 1, "stage": st, "lr": optimizer.param_groups[0]["lr"],
                "lr_head": optimizer.param_groups[1]["lr"] if len(optimizer.param_groups) > 1 else 0.0}
@@ -536,7 +633,7 @@ def _read_log(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with open(path) as fh:
-        return [{k: (int(v) if k in ("epoch", "stage") else float(v)) for k, v in row.items()} for row in csv.DictReader(fh)]
+        return [{k: (int(v) if k == "epoch" else v if k == "stage" else float(v)) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 def _plot_curves(history: list[dict], path: Path, stage1_epochs: int) -> None:
