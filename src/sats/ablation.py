@@ -316,13 +316,15 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
         raise SatsError(f"{dataset}: fails `sats check` ({len(report.problems)} problem(s)); first: {report.problems[0]}")
     stored = out / "ablation.json"
     if stored.exists():
-        before = json.loads(stored.read_text())
-        if before != asdict(settings):
-            changed = [k for k in before if before.get(k) != asdict(settings).get(k)]
+        # Runs are independent per (variant, seed), so a study may grow or shrink its
+        # variants and seeds; every other setting must match what its runs were trained with.
+        before, now = json.loads(stored.read_text()), asdict(settings)
+        changed = [k for k in before if k not in ("variants", "seeds") and before.get(k) != now.get(k)]
+        if changed:
             raise SatsError(f"{out}: a study with other settings ({', '.join(changed)}) is there; use another --out")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(stored, json.dumps(asdict(settings), indent=2))
+    write_text_atomic(stored, json.dumps(asdict(settings), indent=2))
 
     runs = [(v, s) for s in settings.seeds for v in settings.variants]  # seed-major: early results cover every variant
     rows: list[dict] = []

@@ -65,7 +65,8 @@ lesion fraction f (partial volume). Inside, HU = m + c + t, where m is the media
 muscle (0-120 HU) within 10 mm of the lesion in the original CT, c the contrast
 (``tumor_contrast``, default drawn from 0-15 HU), and t correlated Gaussian texture, zero
 mean over the lesion, whose standard deviation is that muscle's voxel-scale variation
-(the robust spread of what a one-voxel Gaussian smoothing removes: the CT's own noise). The CT becomes
+(the robust spread of what a one-voxel Gaussian smoothing removes from muscle voxels away
+from any edge, within 20, 40 or 80 mm of the lesion: the CT's own noise). The CT becomes
 ``(1 - f) * CT + f * lesion``; f is tapered to zero over voxels that were air or bone, so
 those keep their values, and is 1 in the label's interior (its erosion), where the
 texture's mean is zero: there the mean HU is exactly m + c. The label is f >= 0.5 on voxels that were soft tissue
@@ -639,11 +640,16 @@ def _paint(ct: Volume, hu: np.ndarray, label: np.ndarray, fraction: np.ndarray, 
     muscle_hu = float(np.median(muscle))
     # The CT's own voxel-scale variation in that muscle: the robust spread of what a
     # one-voxel Gaussian smoothing removes (noise and fine texture, not anatomy).
-    # Measured away from edges (whole 3x3x3 neighbourhood in the muscle range), within 20 mm.
-    muscle_range = (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1])
-    flat = _muscle_shell(hu, label, ct.spacing, 20.0) & ndimage.binary_erosion(muscle_range, np.ones((3, 3, 3), bool))
-    residual = (hu - ndimage.gaussian_filter(hu, 1.0))[flat]
-    texture_sd = float(np.clip(1.4826 * np.median(np.abs(residual - np.median(residual))), 2.0, 30.0)) if residual.size >= 20 else 10.0
+    # Measured away from edges (whole 3x3x3 neighbourhood in the muscle range), in the
+    # nearest 20, 40 or 80 mm that hold at least 50 such voxels.
+    flat_muscle = ndimage.binary_erosion((hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1]), np.ones((3, 3, 3), bool))
+    residual = hu - ndimage.gaussian_filter(hu, 1.0)
+    texture_sd = 10.0  # a typical value, should no flat muscle be near
+    for radius in (20.0, 40.0, 80.0):
+        r = residual[_muscle_shell(hu, label, ct.spacing, radius) & flat_muscle]
+        if r.size >= 50:
+            texture_sd = float(np.clip(1.4826 * np.median(np.abs(r - np.median(r))), 2.0, 30.0))
+            break
 
     # Mass effect: push the tissue around the lesion outwards (into the airway).
     radius = (3.0 * volume_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)
