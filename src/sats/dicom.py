@@ -19,7 +19,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
-from sats.io import SatsError, Volume
+from sats.volume import SatsError, Volume
 
 #: Relative deviation of one slice gap from the median gap that counts as uneven.
 SPACING_TOLERANCE = 0.05

@@ -1,16 +1,8 @@
-"""Image I/O: one in-memory volume type and readers/writers for NIfTI, NRRD, MHA and DICOM CT.
+"""Image I/O: readers and atomic writers for NIfTI, NRRD, MHA and DICOM CT folders.
 
-Axis convention (the only place it is converted):
-
-* **array space** is ``(z, y, x)``: ``Volume.array[k, j, i]``; ``Volume.spacing`` is
-  ``(z, y, x)`` in mm, like the array shape.
-* **physical space** is DICOM/ITK LPS in mm, written ``(x, y, z)``: ``Volume.origin``
-  (centre of voxel ``[0, 0, 0]``) and every physical point in this project.
-* ``Volume.direction`` is ITK's 3x3 matrix: column ``c`` is the unit LPS vector along
-  image index ``c`` with ITK's index order ``(i, j, k) = (x, y, z)`` array axes.
-
-SimpleITK speaks ``(x, y, z)`` for sizes and spacing; :func:`to_sitk` and
-:func:`from_sitk` are the boundary and the rest of the package never reorders axes.
+Every reader returns a :class:`sats.volume.Volume` (array ``(z, y, x)``, spacing
+``(z, y, x)`` mm, LPS origin and direction); the axis convention is stated once, in
+:mod:`sats.volume`. Every writer writes a temporary file beside the target and renames it.
 """
 
 from __future__ import annotations
@@ -19,112 +11,16 @@ import gzip
 import os
 import tempfile
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from sats.volume import SatsError, Volume, from_sitk, to_sitk
+
+__all__ = ["SatsError", "Volume", "atomic_path", "from_sitk", "read_image", "to_sitk", "write_image", "write_text_atomic"]
+
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-class SatsError(Exception):
-    """A user-facing error: the CLI prints its message on one line and exits non-zero."""
-
-
-@dataclass
-class Volume:
-    """A 3D image with its geometry.
-
-    Attributes:
-        array: voxel values, shape ``(z, y, x)``. CT in HU, labels as integers.
-        spacing: voxel size in mm, ``(z, y, x)`` like the array.
-        origin: LPS position in mm of the centre of voxel ``[0, 0, 0]``, ``(x, y, z)``.
-        direction: 3x3 direction cosines (ITK convention, columns = index axes i, j, k,
-            i.e. array axes x, y, z).
-
-    Example:
-        >>> v = Volume(np.zeros((2, 3, 4)), spacing=(3.0, 1.0, 1.0))
-        >>> v.shape, v.voxel_volume_ml
-        ((2, 3, 4), 0.003)
-    """
-
-    array: np.ndarray
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
-
-    def __post_init__(self) -> None:
-        if self.array.ndim != 3:
-            raise SatsError(f"expected a 3D volume, got an array of shape {self.array.shape}")
-        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
-        self.origin = tuple(float(o) for o in self.origin)  # type: ignore[assignment]
-        self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
-
-    @property
-    def voxel_volume_ml(self) -> float:
-        return float(np.prod(self.spacing)) / 1000.0
-
-    def with_array(self, array: np.ndarray) -> "Volume":
-        """The same geometry around another array of the same shape."""
-        if array.shape != self.array.shape:
-            raise ValueError(f"shape {array.shape} does not match {self.array.shape}")
-        return Volume(array, self.spacing, self.origin, self.direction.copy())
-
-    def index_to_physical(self, zyx: np.ndarray) -> np.ndarray:
-        """Map array indices ``(..., 3)`` in (z, y, x) order to LPS points ``(..., 3)`` (x, y, z) mm."""
-        ijk = np.asarray(zyx, dtype=np.float64)[..., ::-1]
-        return np.asarray(self.origin) + (ijk * np.asarray(self.spacing[::-1])) @ self.direction.T
-
-    def physical_to_index(self, xyz: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`index_to_physical`: LPS points (x, y, z) to continuous (z, y, x) indices."""
-        d = np.asarray(xyz, dtype=np.float64) - np.asarray(self.origin)
-        ijk = (d @ self.direction) / np.asarray(self.spacing[::-1])
-        return ijk[..., ::-1]
-
-    def same_geometry(self, other: "Volume", tol_mm: float = 1e-3) -> str | None:
-        """None when both volumes share grid and geometry, else a short description of the difference."""
-        if self.shape != other.shape:
-            return f"size {self.shape[::-1]} vs {other.shape[::-1]} (x, y, z)"
-        if not np.allclose(self.spacing, other.spacing, atol=tol_mm, rtol=0):
-            return f"spacing {_fmt(self.spacing[::-1])} vs {_fmt(other.spacing[::-1])} mm (x, y, z)"
-        if not np.allclose(self.origin, other.origin, atol=tol_mm, rtol=0):
-            return f"origin {_fmt(self.origin)} vs {_fmt(other.origin)} mm"
-        if not np.allclose(self.direction, other.direction, atol=1e-5, rtol=0):
-            return "direction cosines differ"
-        return None
-
-
-def _fmt(t) -> str:
-    return "(" + ", ".join(f"{v:.4g}" for v in t) + ")"
-
-
-def to_sitk(volume: Volume) -> sitk.Image:
-    """Volume -> SimpleITK image, geometry kept exactly."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array))
-    image.SetSpacing(tuple(float(s) for s in volume.spacing[::-1]))
-    image.SetOrigin(tuple(float(o) for o in volume.origin))
-    image.SetDirection(tuple(float(d) for d in volume.direction.ravel()))
-    return image
-
-
-def from_sitk(image: sitk.Image) -> Volume:
-    """SimpleITK image -> Volume, geometry kept exactly."""
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise SatsError(
-            f"expected a 3D single-channel image, got {image.GetDimension()}D with "
-            f"{image.GetNumberOfComponentsPerPixel()} component(s)"
-        )
-    return Volume(
-        sitk.GetArrayFromImage(image),
-        spacing=image.GetSpacing()[::-1],
-        origin=image.GetOrigin(),
-        direction=np.array(image.GetDirection()).reshape(3, 3),
-    )
 
 
 def is_image_file(path: Path) -> bool:
@@ -254,13 +150,21 @@ class atomic_path:
         self.tmp = Path(name)
         return self.tmp
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         assert self.tmp is not None
         if exc_type is None:
-            os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+            try:
+                os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode
+                os.replace(self.tmp, self.path)
+                return False
+            except OSError as error:
+                exc_type, exc = OSError, error
+        self.tmp.unlink(missing_ok=True)
+        # A failed write (disk full, quota, I/O error) is one line naming the file; the
+        # previous file under that name, if any, is untouched.
+        if issubclass(exc_type, OSError) and not isinstance(exc, PermissionError):
+            raise SatsError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+        return False
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
