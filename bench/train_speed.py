@@ -16,7 +16,8 @@ import torch
 
 from sats.losses import SegmentationLoss
 from sats.network import SATsNet, count_parameters, plan_network
-from sats.training import preset, stage_optimizer, train_step
+from sats.config import preset
+from sats.training import stage_optimizer, train_step
 
 
 def main() -> None:

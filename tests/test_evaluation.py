@@ -194,26 +194,61 @@ def ndi_jitter(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 # --------------------------------------------------------------------------- cropping and speed
 
 
+def assert_crop_changes_nothing(pred: np.ndarray, gt: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Cropped == uncropped in both directions (pred->gt and gt->pred), whichever mask is
+    passed first; returns the uncropped ``(d_pred_to_gt, d_gt_to_pred)``."""
+    ref_pg, ref_gp = surface_distances(pred, gt, spacing, crop=False)
+    # One distance per surface voxel of the mask the direction starts from.
+    assert ref_pg.size == surface(pred).sum() and ref_gp.size == surface(gt).sum()
+    crop_pg, crop_gp = surface_distances(pred, gt, spacing, crop=True)
+    swap_gp, swap_pg = surface_distances(gt, pred, spacing, crop=True)  # the roles swapped
+    ref_swap_gp, ref_swap_pg = surface_distances(gt, pred, spacing, crop=False)
+    for pg, gp in ((crop_pg, crop_gp), (swap_pg, swap_gp), (ref_swap_pg, ref_swap_gp)):
+        np.testing.assert_allclose(np.sort(pg), np.sort(ref_pg))
+        np.testing.assert_allclose(np.sort(gp), np.sort(ref_gp))
+    return ref_pg, ref_gp
+
+
 def test_cropping_does_not_change_the_numbers() -> None:
     rng = np.random.default_rng(3)
     shape = (24, 48, 40)
-    for _ in range(4):
+    spacing = (2.0, 0.9, 1.1)
+    for k in range(6):
         gt = random_blob(rng, shape, n_parts=2)
         pred = ndi_jitter(gt, rng)
-        pred[0, 0, 0] = True  # a far stray voxel in the array corner: the box reaches the border
-        spacing = (2.0, 0.9, 1.1)
-        a_pg, a_gp = surface_distances(pred, gt, spacing, crop=True)
-        b_pg, b_gp = surface_distances(pred, gt, spacing, crop=False)
-        np.testing.assert_allclose(np.sort(a_pg), np.sort(b_pg))
-        np.testing.assert_allclose(np.sort(a_gp), np.sort(b_gp))
+        # A far stray voxel in an array corner, in one mask only: the union box reaches the
+        # border through that mask alone (pred for even k, gt for odd k).
+        (pred if k % 2 == 0 else gt)[(0, 0, 0) if k % 4 < 2 else (-1, -1, -1)] = True
+        assert_crop_changes_nothing(pred, gt, spacing)
     # A small blob deep inside a large array: the crop is much smaller than the array.
     gt = np.zeros((40, 80, 80), dtype=bool)
     gt[18:23, 30:41, 33:44] = ellipsoid((5, 11, 11), (2, 5, 5), (2.5, 5.5, 5.5))
     pred = np.roll(gt, (1, -2, 1), axis=(0, 1, 2))
-    for crop_pair in [surface_distances(pred, gt, SPACING, crop=True)]:
-        ref = surface_distances(pred, gt, SPACING, crop=False)
-        np.testing.assert_allclose(np.sort(crop_pair[0]), np.sort(ref[0]))
-        np.testing.assert_allclose(np.sort(crop_pair[1]), np.sort(ref[1]))
+    assert_crop_changes_nothing(pred, gt, SPACING)
+    # Asymmetric cases, each way round: a box mid-volume and one voxel in a far corner of
+    # the array, so the union box spans from the box to the array edge through one mask
+    # only. The distances are known by hand, so a mix-up of the directions fails too.
+    shape, spacing = (12, 30, 30), (2.0, 1.0, 1.0)
+    box = np.zeros(shape, dtype=bool)
+    box[4:8, 10:20, 10:20] = True
+    zz, yy, xx = np.nonzero(box)
+    on_face = (np.isin(zz, (4, 7)) | np.isin(yy, (10, 19)) | np.isin(xx, (10, 19)))
+    box_surface = np.stack([zz, yy, xx], axis=1)[on_face]  # 4*10*10 - 2*8*8 = 272 voxels
+    assert len(box_surface) == 272
+    for corner in ((0, 0, 29), (11, 29, 0)):
+        far = np.zeros(shape, dtype=bool)
+        far[corner] = True
+        to_corner = np.sort(np.linalg.norm((box_surface - corner) * spacing, axis=1))
+        nearest = to_corner[0]  # to the box's corner (4, 10, 19) or (7, 19, 10)
+        assert np.isclose(nearest, np.sqrt(8**2 + 10**2 + 10**2))
+        # gt far out at the edge, pred mid-volume ...
+        d_pg, d_gp = assert_crop_changes_nothing(box, far, spacing)
+        np.testing.assert_allclose(np.sort(d_pg), to_corner)
+        np.testing.assert_allclose(d_gp, [nearest])
+        # ... and pred far out at the edge, gt mid-volume.
+        d_pg, d_gp = assert_crop_changes_nothing(far, box, spacing)
+        np.testing.assert_allclose(d_pg, [nearest])
+        np.testing.assert_allclose(np.sort(d_gp), to_corner)
 
 
 def test_full_size_case_is_fast() -> None:

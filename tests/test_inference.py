@@ -9,17 +9,12 @@ from typer.testing import CliRunner
 from sats.cli import app
 from sats.inference import collect_inputs, load_run, predict_case
 from sats.io import SatsError, Volume, read_image, write_image
-from sats.training import train
 from test_io import rotation
-from test_training import make_tiny_dataset, tiny_config
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    data = make_tiny_dataset(root / "data")
-    train(data, root / "run", tiny_config(stage1_epochs=2, stage2_epochs=1, iters_per_epoch=4), device="cpu")
-    return root / "run", data
+def tiny_run(tiny_trained_run):
+    return tiny_trained_run
 
 
 def test_mask_keeps_the_input_geometry_exactly(tiny_run, tmp_path) -> None:
@@ -61,12 +56,12 @@ def test_bad_inputs_fail_cleanly(tiny_run, tmp_path) -> None:
     not_ct = tmp_path / "mr_0000.nii.gz"
     write_image(Volume(np.random.default_rng(0).uniform(0, 255, (8, 20, 20)).astype(np.float32)), not_ct)
     r = runner.invoke(app, ["predict", "-i", str(not_ct), "-o", str(tmp_path / "o.nii.gz"), "-m", str(run_dir)])
-    assert r.exit_code == 1 and "do not look like CT" in r.output and not (tmp_path / "o.nii.gz").exists()
+    assert r.exit_code == 1 and "not CT in HU" in r.output and r.output.count("error:") == 1 and not (tmp_path / "o.nii.gz").exists()
     r = runner.invoke(app, ["predict", "-i", str(not_ct), "-o", str(tmp_path / "o.nii.gz"), "-m", str(tmp_path)])
     assert r.exit_code == 1 and "not a sats RUN folder" in r.output
     image = next((data / "imagesTr").iterdir())
     r = runner.invoke(app, ["predict", "-i", str(image), "-o", str(tmp_path / "o.nii.gz"), "-m", str(run_dir), "--precision", "fp8"])
-    assert r.exit_code == 1 and "fp32 or bf16" in r.output
+    assert r.exit_code == 1 and "--precision must be one of fp32, bf16" in r.output
 
 
 def test_incompatible_run_folder_is_refused(tiny_run, tmp_path) -> None:
@@ -83,17 +78,20 @@ def test_incompatible_run_folder_is_refused(tiny_run, tmp_path) -> None:
         load_run(old)
 
 
-def test_bf16_agrees_with_fp32(tiny_run) -> None:
+def test_bf16_agrees_with_fp32(tiny_run, make_predicting_run, tmp_path) -> None:
     run_dir, data = tiny_run
-    run = load_run(run_dir)
-    ct = read_image(next((data / "imagesTr").iterdir()))
+    ct = read_image(min((data / "imagesTr").iterdir()))
+    # The trained weights with the final bias set so that fp32 marks ~1 % of the CT (about
+    # the tumour): a mask bf16 can get wrong, not the empty one a tiny model may give.
+    run = load_run(make_predicting_run(run_dir, ct, tmp_path / "run"))
     p32 = predict_case(run, ct, precision="fp32")
     p16 = predict_case(run, ct, precision="bf16")
-    diff = np.abs(p32.probabilities.array - p16.probabilities.array)
-    assert diff.mean() < 0.02
     a, b = p32.mask.array > 0, p16.mask.array > 0
-    if a.sum() + b.sum():
-        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9
+    assert 50 <= a.sum() <= 0.5 * a.size, f"fp32 mask has {a.sum()} of {a.size} voxels"
+    diff = np.abs(p32.probabilities.array - p16.probabilities.array)
+    assert diff.max() > 0, "bf16 gave bit-identical probabilities: was it used at all?"
+    assert diff.mean() < 0.02 and diff.max() < 0.1, (diff.mean(), diff.max())
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9
 
 
 def test_collect_inputs_strips_channel_suffix(tmp_path) -> None:

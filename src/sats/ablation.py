@@ -78,19 +78,18 @@ class AblationSettings:
 
 def variant_config(settings: AblationSettings, variant: str, seed: int):
     """The TrainConfig of one run."""
-    from sats.training import preset
+    from sats.config import parse_fold, preset
 
     cfg = preset(settings.preset)
     if settings.epochs is not None:
-        cfg.stage2_epochs = settings.epochs // 5
-        cfg.stage1_epochs = settings.epochs - cfg.stage2_epochs
+        cfg.set_total_epochs(settings.epochs)
     if settings.iters_per_epoch is not None:
         cfg.iters_per_epoch = settings.iters_per_epoch
     if settings.spacing is not None:
         cfg.spacing, cfg.follow_data = tuple(settings.spacing), False
     if settings.patch_size is not None:
         cfg.patch_size = tuple(settings.patch_size)
-    cfg.fold = settings.fold if settings.fold == "all" else int(settings.fold)
+    cfg.fold = parse_fold(settings.fold)
     cfg.seed = seed
     cfg.align = settings.align
     for key, value in VARIANTS[variant].items():

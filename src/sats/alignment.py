@@ -14,9 +14,12 @@ central plane, the rigid T found by registering the CT to its mirror satisfies
 **Atlas mode.** Affine registration to a symmetric atlas (the paper's way): the aligned
 image lives in atlas space, whose central sagittal plane is the atlas's plane.
 
-An :class:`Alignment` carries the plane in the input's physical space and, for atlas
-mode, the affine ``transform`` mapping aligned-space points to input points; the
-resampling in :mod:`sats.preprocessing` and back in :mod:`sats.inference` uses it.
+In every mode the result is an :class:`Alignment`: the plane in the input's physical
+(LPS mm) space with symmetry scores before and after. The resampling onto the symmetric
+grid (:func:`sats.preprocessing.symmetric_grid`) and back onto the input grid
+(:func:`sats.preprocessing.resample_to`) needs only that plane, so the alignment is
+invertible by construction; :func:`aligned_volume` also returns the rigid transform
+from the aligned frame to the input.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from sats.io import SatsError, Volume, from_sitk, to_sitk, write_text_atomic
+from sats.volume import itk_reason
 from sats.preprocessing import body_mask, grid_centre_plane
 from sats.symmetry import Plane, mirror_lr
 
@@ -42,7 +46,7 @@ MIN_SYMMETRY = 0.3
 
 @dataclass
 class Alignment:
-    """Result of :func:`find_plane`: the plane (input LPS mm) and symmetry scores."""
+    """Result of a plane search: the plane (input LPS mm), symmetry scores before and after, seconds."""
 
     plane: Plane
     score_before: float
@@ -68,7 +72,7 @@ def plane_from_reflection(a: np.ndarray, b: np.ndarray, near: np.ndarray) -> Pla
     w, v = np.linalg.eigh((a + a.T) / 2)
     n = v[:, int(np.argmin(w))]  # eigenvalue closest to -1
     mid = (near + (a @ near + b)) / 2  # the midpoint of x and R(x) lies on the plane
-    return Plane(n, mid - ((mid - mid) @ n) * n)
+    return Plane(n, mid)
 
 
 #: The registration mask keeps the body deeper than this (mm): the skin outline is where
@@ -118,7 +122,7 @@ def _execute(reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.
     try:
         reg.Execute(fixed, moving)
     except RuntimeError as exc:
-        raise SatsError(f"{what} failed ({str(exc).strip().splitlines()[-1]})") from None
+        raise SatsError(f"{what} failed ({itk_reason(exc)})") from None
 
 
 def _affine_parts(transform) -> tuple[np.ndarray, np.ndarray]:
@@ -302,7 +306,7 @@ def estimate_plane(ct: Volume, atlas: Volume | None = None, method: str = "symme
     if result.score_after < MIN_SYMMETRY:
         raise SatsError(
             f"mid-sagittal plane unreliable: symmetry score {result.score_after:.2f} after alignment "
-            f"(below {MIN_SYMMETRY}); is this a head CT?"
+            f"(below {MIN_SYMMETRY}); is this a head CT? (for other images, train with --no-align)"
         )
     return result
 

@@ -145,7 +145,7 @@ def summary(
     from rich.table import Table
 
     from sats.network import EncoderDecoder, count_parameters, plan_network
-    from sats.training import preset
+    from sats.config import preset
 
     cfg = preset(preset_name)
     patch_size = tuple(patch) if patch else cfg.patch_size
@@ -194,17 +194,15 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
 ) -> None:
     """Train SATs: stage 1 (Siamese encoder-decoder), stage 2 (projection head + margin loss)."""
-    from sats.training import preset, train as run_training
+    from sats.config import parse_fold, preset
+    from sats.training import train as run_training
 
     cfg = preset(preset_name)
     if epochs is not None:
-        cfg.stage2_epochs = epochs // 5
-        cfg.stage1_epochs = epochs - cfg.stage2_epochs
+        cfg.set_total_epochs(epochs)
     if iters_per_epoch is not None:
         cfg.iters_per_epoch = iters_per_epoch
-    if asym_region not in ("paper", "union"):
-        raise SatsError(f"--asym-region must be paper or union, not {asym_region!r}")
-    cfg.fold = fold if fold == "all" else int(fold)
+    cfg.fold = parse_fold(fold)
     cfg.projection_head = not no_projection_head
     cfg.margin_loss = not no_margin
     cfg.asym_region = asym_region
@@ -282,15 +280,12 @@ def predict(
     all_components: bool = typer.Option(False, "--all-components", help="Keep every predicted island (default: the largest connected region only)."),
 ) -> None:
     """Segment the GTV of one CT or a folder of CTs; masks keep each input's exact geometry."""
-    from sats.inference import predict_paths
+    from sats.inference import PredictOptions, predict_paths
 
-    if precision not in ("fp32", "bf16"):
-        raise SatsError(f"--precision must be fp32 or bf16, not {precision!r}")
-    done, failed = predict_paths(
-        input_path, output, model, device=device, precision=precision, overlap=1.0 - step, tta=tta,
-        save_probabilities=save_probabilities, asymmetry_map=asymmetry_map, console=console, fmt=fmt, series_uid=series,
-        largest_component=not all_components,
-    )
+    options = PredictOptions(device=device, precision=precision, overlap=1.0 - step, tta=tta,  # type: ignore[arg-type]
+                             largest_component=not all_components, save_probabilities=save_probabilities,
+                             asymmetry_map=asymmetry_map, fmt=fmt, series_uid=series)  # type: ignore[arg-type]
+    done, failed = predict_paths(input_path, output, model, options, console=console)
     if failed:
         _fail(f"{failed} of {done + failed} case(s) failed; the other {done} were written")
 

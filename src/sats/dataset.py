@@ -27,10 +27,10 @@ import numpy as np
 from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sats.io import IMAGE_SUFFIXES, SatsError, Volume, read_image
+from sats.progress import progress_bar
 
 SPLITS = ("Tr", "Ts")
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
@@ -375,15 +375,24 @@ def check_dataset(root: Path, console: Console | None = None, workers: int = 2) 
     for cid in sorted({c.case_id for c in cases_by_split["Tr"]} & {c.case_id for c in cases_by_split["Ts"]}):
         report.warnings.append(f"{root / 'imagesTs'}: case {cid} is also in imagesTr (same patient in both splits?)")
 
+    for row, problems, warnings in _check_cases(jobs, console, workers):
+        row.n_problems += extra_per_case.get((row.split, row.case_id), 0)  # _0001... files are this case's too
+        report.rows.append(row)
+        report.problems += problems
+        report.warnings += warnings
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _check_cases(jobs: list[tuple[Case, bool]], console: Console | None, workers: int) -> list:
+    """Read and check every case's files in threads; results in case order (Tr then Ts,
+    sorted ids), whatever order the threads finished in."""
     results: list = [None] * len(jobs)
-    progress = Progress(
-        TextColumn("checking"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True, disable=console is None or not console.is_terminal,
-    )
+    progress = progress_bar(console if console is not None and console.is_terminal else None, transient=True)
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
         with progress:
-            task = progress.add_task("check", total=len(jobs))
+            task = progress.add_task("checking", total=len(jobs))
             futures = {pool.submit(_check_case, case, expected): i for i, (case, expected) in enumerate(jobs)}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
@@ -391,14 +400,7 @@ def check_dataset(root: Path, console: Console | None = None, workers: int = 2) 
     finally:
         # On Ctrl-C (or a bug) do not read the remaining hundreds of files first.
         pool.shutdown(wait=True, cancel_futures=True)
-    # Results in case order (Tr then Ts, sorted ids), whatever order the threads finished in.
-    for row, problems, warnings in results:
-        row.n_problems += extra_per_case.get((row.split, row.case_id), 0)  # _0001... files are this case's too
-        report.rows.append(row)
-        report.problems += problems
-        report.warnings += warnings
-    report.seconds = time.perf_counter() - start
-    return report
+    return results
 
 
 def _guess_ending(root: Path) -> str:

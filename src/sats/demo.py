@@ -18,7 +18,8 @@ from sats.figures import asymmetry_png, overlay_png
 from sats.inference import load_run, predict_case, predict_paths
 from sats.io import SatsError, read_image
 from sats.phantom import PhantomConfig, write_phantom_dataset
-from sats.training import preset, train
+from sats.config import preset
+from sats.training import train
 
 
 def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> list:

@@ -11,16 +11,19 @@ tilt and mixed orientations.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
+from pydicom.datadict import keyword_for_tag
 
-from sats.volume import SatsError, Volume
+from sats.volume import SatsError, Volume, itk_reason
 
+#: SOP Class UID of CT Image Storage.
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 #: Relative deviation of one slice gap from the median gap that counts as uneven.
 SPACING_TOLERANCE = 0.05
 
@@ -48,31 +51,110 @@ class DicomSeries:
 
 
 def scan_folder(folder: Path) -> dict[str, DicomSeries]:
-    """Read the headers of every DICOM file under ``folder`` (recursively), grouped by series."""
+    """Read the headers of every DICOM file under ``folder`` (recursively), grouped by series.
+
+    Files that are not DICOM are skipped; a file that looks like DICOM (``DICM`` at byte 128
+    or a ``.dcm`` name) but cannot be parsed, or an image slice whose geometry attributes
+    are missing values or garbage, is a :class:`SatsError` naming the file.
+    """
     series: dict[str, DicomSeries] = {}
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
+            # Large values (the pixel data) are skipped, not read, but their presence is seen.
+            ds = pydicom.dcmread(path, defer_size=1024)
+            uid = str(ds.get("SeriesInstanceUID", ""))
+            modality = str(ds.get("Modality", ""))
+            description = str(ds.get("SeriesDescription", ""))
+            is_slice = "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
+            sop_classes = {str(ds.get("SOPClassUID", "")), str((ds.get("file_meta") or {}).get("MediaStorageSOPClassUID", ""))} - {""}
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a damaged file
+            if _looks_like_dicom(path):
+                raise SatsError(f"{path}: unreadable DICOM file, truncated or damaged ({_reason(exc)})") from None
             continue
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        modality = str(ds.get("Modality", ""))
-        entry = series.setdefault(uid, DicomSeries(uid, modality, str(ds.get("SeriesDescription", "")), []))
-        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+        cut = truncated_element(ds, path)
+        if cut is not None:
+            raise SatsError(f"{path}: truncated DICOM file ({cut} runs past the end)")
+        if _looks_like_dicom(path):
+            # pydicom silently returns what it could read of a file cut short: check that the
+            # file meta is complete and the SOP class named, which every DICOM file has.
+            meta = ds.get("file_meta") or {}
+            group_length = meta.get("FileMetaInformationGroupLength")
+            if (not sop_classes or "TransferSyntaxUID" not in meta
+                    or (group_length is not None and path.stat().st_size < 144 + int(group_length))):
+                raise SatsError(f"{path}: truncated or damaged DICOM file (incomplete file meta information)")
+        if CT_IMAGE_STORAGE in sop_classes:
+            # Type 1 in a CT image: a slice without them was cut short or damaged.
+            missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns", "PixelData") if k not in ds]
+            if missing:
+                raise SatsError(f"{path}: truncated or damaged CT slice (no {', '.join(missing)})")
+        entry = series.setdefault(uid, DicomSeries(uid, modality, description, []))
+        if not is_slice:
             continue  # not an image slice (RTSTRUCT, SR, ...)
-        entry.slices.append(
-            DicomSlice(
-                path=path,
-                position=np.array([float(v) for v in ds.ImagePositionPatient]),
-                orientation=np.array([float(v) for v in ds.ImageOrientationPatient]),
-                pixel_spacing=tuple(float(v) for v in ds.get("PixelSpacing", (1.0, 1.0))),  # type: ignore[arg-type]
-                shape=(int(ds.Rows), int(ds.Columns)),
-                sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-                sop_class_uid=str(ds.get("SOPClassUID", "")),
-                rescale=(float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)),
-            )
-        )
+        entry.slices.append(_slice_header(ds, path))
     return series
+
+
+def truncated_element(ds: pydicom.Dataset, path: Path) -> str | None:
+    """The keyword (or tag) of a top-level element that runs past the end of the file, if any.
+
+    pydicom returns what it could read of a file cut short without a word; an element whose
+    declared length ends beyond the file is the trace such a cut leaves. Only elements not
+    yet converted (read with ``dcmread``, not accessed) carry their file position.
+    """
+    size = path.stat().st_size
+    for elem in ds.elements():
+        tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
+        if tell is not None and length is not None and length != 0xFFFFFFFF and tell + length > size:
+            return keyword_for_tag(elem.tag) or str(elem.tag)
+    return None
+
+
+def _reason(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _slice_header(ds: pydicom.Dataset, path: Path) -> DicomSlice:
+    """The geometry of one image slice, checked: numbers where numbers belong."""
+    try:
+        s = DicomSlice(
+            path=path,
+            position=np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64),
+            orientation=np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64),
+            pixel_spacing=tuple(float(v) for v in ds.get("PixelSpacing", (1.0, 1.0))),  # type: ignore[arg-type]
+            shape=(int(ds.Rows), int(ds.Columns)),
+            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+            sop_class_uid=str(ds.get("SOPClassUID", "")),
+            rescale=(float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)),
+        )
+    except (AttributeError, TypeError, ValueError, OverflowError, KeyError, IndexError) as exc:
+        raise SatsError(f"{path}: invalid or missing slice geometry ({_reason(exc)})") from None
+    problem = None
+    if s.position.shape != (3,) or not np.all(np.isfinite(s.position)):
+        problem = "ImagePositionPatient must be 3 numbers"
+    elif s.orientation.shape != (6,) or not np.all(np.isfinite(s.orientation)) or not np.allclose(
+        [np.linalg.norm(s.orientation[:3]), np.linalg.norm(s.orientation[3:])], 1.0, atol=1e-3
+    ) or abs(float(s.orientation[:3] @ s.orientation[3:])) > 1e-3:
+        problem = "ImageOrientationPatient must be two orthogonal unit vectors (6 numbers)"
+    elif len(s.pixel_spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in s.pixel_spacing):
+        problem = "PixelSpacing must be 2 positive numbers"
+    elif min(s.shape) < 1:
+        problem = "Rows and Columns must be positive"
+    elif not all(math.isfinite(v) for v in s.rescale):
+        problem = "RescaleSlope and RescaleIntercept must be finite numbers"
+    if problem:
+        raise SatsError(f"{path}: invalid slice geometry: {problem}")
+    return s
 
 
 def choose_ct_series(folder: Path, series_uid: str | None = None) -> DicomSeries:
@@ -166,19 +248,17 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise SatsError(f"{folder}: cannot decode the CT pixel data ({str(exc).strip().splitlines()[-1]})") from None
+        raise SatsError(f"{folder}: cannot decode the CT pixel data ({itk_reason(exc)})") from None
     array = sitk.GetArrayFromImage(image)
     if array.shape[0] != len(slices):
         raise SatsError(f"{folder}: expected {len(slices)} slices, decoded {array.shape[0]}")
+    if array.shape[1:] != slices[0].shape:
+        raise SatsError(f"{folder}: slices of {slices[0].shape[0]} x {slices[0].shape[1]} pixels (Rows x Columns), "
+                        f"decoded {' x '.join(map(str, array.shape[1:]))}")
     # GDCM widens to int32/float when rescaling; store HU as int16 whenever that is exact.
     if array.size and np.all(np.mod(array, 1) == 0) and array.min() >= -32768 and array.max() <= 32767:
         array = array.astype(np.int16)
     return Volume(array, spacing=geometry.spacing, origin=geometry.origin, direction=geometry.direction)
-
-
-def series_summary(folder: str | Path) -> list[tuple[str, str, int, str]]:
-    """(SeriesInstanceUID, modality, number of slices, description) for every series of a folder."""
-    return [(s.uid, s.modality, len(s.slices), s.description) for s in scan_folder(Path(folder)).values()]
 
 
 def write_ct_series(

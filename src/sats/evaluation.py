@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from sats.io import IMAGE_SUFFIXES, SatsError, atomic_path, is_image_file, read_image, strip_suffix, write_text_atomic
+from sats.io import IMAGE_SUFFIXES, SatsError, atomic_path, case_id, is_image_file, read_image, write_text_atomic
 
 Spacing = tuple[float, float, float]
 
@@ -276,12 +276,6 @@ def compute_metrics(
 # --------------------------------------------------------------------------- folders
 
 
-def case_id(name: str) -> str:
-    """Case id of an image file name: the suffix and a trailing nnU-Net channel ``_0000`` removed."""
-    stem = strip_suffix(name)
-    return stem[: -len("_0000")] if stem.endswith("_0000") else stem
-
-
 def _index_cases(folder: Path, what: str) -> dict[str, Path]:
     if not folder.exists():
         raise SatsError(f"{folder}: no such {what} folder")
@@ -290,7 +284,7 @@ def _index_cases(folder: Path, what: str) -> dict[str, Path]:
     cases: dict[str, Path] = {}
     # Hidden files are skipped: they include atomic-write temporaries (".name.xxx.tmp.nii.gz").
     for path in sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_image_file(p)):
-        cid = case_id(path.name)
+        cid = case_id(path)
         if cid in cases:
             raise SatsError(f"{folder}: two {what} files for case {cid!r}: {cases[cid].name} and {path.name}")
         cases[cid] = path
@@ -337,15 +331,12 @@ def evaluate_folders(
     results: list[CaseMetrics] = []
     progress = None
     if console is not None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from sats.progress import progress_bar
 
-        progress = Progress(
-            TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=console, transient=True,
-        )
+        progress = progress_bar(console, transient=True)
         progress.start()
     try:
-        task = progress.add_task("evaluate", total=len(refs)) if progress else None
+        task = progress.add_task("evaluating", total=len(refs)) if progress else None
         for cid, gt_path in refs.items():
             pred_path = preds[cid]
             gt_vol, pred_vol = read_image(gt_path), read_image(pred_path)

@@ -36,12 +36,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from sats import __version__
-from sats.dicom import DicomSlice, choose_ct_series, sort_slices
+from sats.dicom import DicomSlice, choose_ct_series, sort_slices, truncated_element
 from sats.io import SatsError, Volume, atomic_path
 
 #: Default ROI / segment name: primary gross tumour volume.
@@ -251,6 +250,39 @@ def build_rtstruct(
         and must hold at least one item when present.
     """
     check_roi_name(roi_name)
+    frame_uid = ct.frame_of_reference_uid
+    if not frame_uid:
+        raise SatsError(f"{ct.folder}: the CT series has no FrameOfReferenceUID; an RTSTRUCT needs one")
+    ds = _rtstruct_header(ct, roi_name, description)
+    # Frame of Reference module (in the RT Structure Set IOD since 2020): the CT's frame.
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ct.header.get("PositionReferenceIndicator", "")
+    ds.ReferencedFrameOfReferenceSequence = Sequence([_referenced_frame(ct, frame_uid)])
+    roi = Dataset()
+    roi.ROINumber = 1
+    roi.ReferencedFrameOfReferenceUID = frame_uid
+    roi.ROIName = roi_name
+    roi.ROIDescription = description[:64]
+    roi.ROIGenerationAlgorithm = "AUTOMATIC"
+    roi.ROIGenerationDescription = f"sats {__version__}"[:64]
+    ds.StructureSetROISequence = Sequence([roi])
+    ds.ROIContourSequence = Sequence([_roi_contour(mask, ct, color)])
+    # RT ROI Observations
+    obs = Dataset()
+    obs.ObservationNumber = 1
+    obs.ReferencedROINumber = 1
+    obs.ROIObservationLabel = roi_name[:16]
+    obs.RTROIInterpretedType = "GTV"
+    obs.ROIInterpreter = ""
+    ds.RTROIObservationsSequence = Sequence([obs])
+    # Approval: a machine contour awaits a clinician's review.
+    ds.ApprovalStatus = "UNAPPROVED"
+    return ds
+
+
+def _rtstruct_header(ct: CtReference, roi_name: str, description: str) -> Dataset:
+    """File meta, patient and study (copied from the CT), SOP common, a new RT series in
+    the CT's study, equipment and the Structure Set module."""
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     sop_uid = generate_uid()
@@ -261,32 +293,27 @@ def build_rtstruct(
     ds = Dataset()
     ds.file_meta = meta
     _copy_patient_study(ds, ct.header)
-    # SOP Common
     ds.SOPClassUID, ds.SOPInstanceUID = RTStructureSetStorage, sop_uid
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    # RT Series (a new series in the CT's study)
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = 901
     ds.SeriesDescription = description[:64]
     ds.SeriesDate, ds.SeriesTime = date, time
     ds.OperatorsName = ""
-    # General Equipment
     ds.Manufacturer = "sats"
     ds.ManufacturerModelName = "sats"
     ds.SoftwareVersions = __version__
-    # Structure Set
     ds.StructureSetLabel = roi_name[:16]
     ds.StructureSetName = "sats"
     ds.StructureSetDescription = description[:1024]
     ds.StructureSetDate, ds.StructureSetTime = date, time
     ds.InstanceNumber = 1
-    frame_uid = ct.frame_of_reference_uid
-    if not frame_uid:
-        raise SatsError(f"{ct.folder}: the CT series has no FrameOfReferenceUID; an RTSTRUCT needs one")
-    # Frame of Reference module (in the RT Structure Set IOD since 2020): the CT's frame.
-    ds.FrameOfReferenceUID = frame_uid
-    ds.PositionReferenceIndicator = ct.header.get("PositionReferenceIndicator", "")
+    return ds
+
+
+def _referenced_frame(ct: CtReference, frame_uid: str) -> Dataset:
+    """Referenced Frame of Reference: the CT's frame, study and series, every slice in array order."""
     contour_images = Sequence()
     for s in ct.slices:
         item = Dataset()
@@ -295,7 +322,7 @@ def build_rtstruct(
         contour_images.append(item)
     ref_series = Dataset()
     ref_series.SeriesInstanceUID = ct.series_uid
-    ref_series.ContourImageSequence = contour_images  # every CT slice, in array order
+    ref_series.ContourImageSequence = contour_images
     ref_study = Dataset()
     ref_study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired, as PS3.3 asks)
     ref_study.ReferencedSOPInstanceUID = ct.header.StudyInstanceUID
@@ -303,16 +330,11 @@ def build_rtstruct(
     ref_frame = Dataset()
     ref_frame.FrameOfReferenceUID = frame_uid
     ref_frame.RTReferencedStudySequence = Sequence([ref_study])
-    ds.ReferencedFrameOfReferenceSequence = Sequence([ref_frame])
-    roi = Dataset()
-    roi.ROINumber = 1
-    roi.ReferencedFrameOfReferenceUID = frame_uid
-    roi.ROIName = roi_name
-    roi.ROIDescription = description[:64]
-    roi.ROIGenerationAlgorithm = "AUTOMATIC"
-    roi.ROIGenerationDescription = f"sats {__version__}"[:64]
-    ds.StructureSetROISequence = Sequence([roi])
-    # ROI Contour
+    return ref_frame
+
+
+def _roi_contour(mask: np.ndarray, ct: CtReference, color: tuple[int, int, int]) -> Dataset:
+    """The ROI Contour item: closed planar contours of ``mask``, slice by slice."""
     contours = Sequence()
     for k, s in enumerate(ct.slices):  # array axis 0 = slice k = this DICOM instance
         for rc in slice_contours(mask[k]):  # (row, column) = array axes 1, 2
@@ -333,18 +355,7 @@ def build_rtstruct(
         # Type 3 but 1-n items when present: an empty mask leaves the sequence out.
         roi_contour.ContourSequence = contours
     roi_contour.ReferencedROINumber = 1
-    ds.ROIContourSequence = Sequence([roi_contour])
-    # RT ROI Observations
-    obs = Dataset()
-    obs.ObservationNumber = 1
-    obs.ReferencedROINumber = 1
-    obs.ROIObservationLabel = roi_name[:16]
-    obs.RTROIInterpretedType = "GTV"
-    obs.ROIInterpreter = ""
-    ds.RTROIObservationsSequence = Sequence([obs])
-    # Approval: a machine contour awaits a clinician's review.
-    ds.ApprovalStatus = "UNAPPROVED"
-    return ds
+    return roi_contour
 
 
 def write_rtstruct(
@@ -406,13 +417,32 @@ def read_rtstruct_roi(
     Raises:
         SatsError: not an RTSTRUCT, no such ROI, other frame of reference, contours off the slices.
     """
-    from matplotlib.path import Path as PolygonPath
-
     rs_path = Path(rs_path)
     try:
+        return _rasterise_roi(rs_path, ct_dir, roi_name, series_uid)
+    except SatsError as exc:
+        # Names and values taken from the file may hold line breaks: keep the message one line.
+        message = " ".join(str(exc).splitlines())
+        if message == str(exc):
+            raise
+        raise SatsError(message) from None
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError, OSError, EOFError,
+            NotImplementedError) as exc:  # pydicom reads lazily: damage shows up as any of these
+        reason = " ".join(str(exc).splitlines())[:200] or type(exc).__name__
+        raise SatsError(f"{rs_path}: damaged RT Structure Set ({reason})") from None
+
+
+def _rasterise_roi(rs_path: Path, ct_dir: str | Path, roi_name: str, series_uid: str | None) -> Volume:
+    from matplotlib.path import Path as PolygonPath
+
+    try:
         rs = pydicom.dcmread(rs_path)
-    except (InvalidDicomError, OSError, EOFError) as exc:
-        raise SatsError(f"{rs_path}: not a readable DICOM file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a damaged file (struct.error, ...)
+        reason = " ".join(str(exc).splitlines())[:200] or type(exc).__name__
+        raise SatsError(f"{rs_path}: not a readable DICOM file ({reason})") from None
+    cut = truncated_element(rs, rs_path)
+    if cut is not None:
+        raise SatsError(f"{rs_path}: truncated DICOM file ({cut} runs past the end)")
     if str(rs.get("Modality", "")) != "RTSTRUCT" or "StructureSetROISequence" not in rs:
         raise SatsError(f"{rs_path}: not an RT Structure Set (modality {rs.get('Modality', '?')})")
     rois = {str(r.ROIName): r for r in rs.StructureSetROISequence}
@@ -429,7 +459,9 @@ def read_rtstruct_roi(
                         f"the CT series in {ct.folder} in {ct.frame_of_reference_uid}")
     number = int(roi.ROINumber)
     contour_items = next((c.get("ContourSequence", []) for c in rs.get("ROIContourSequence", [])
-                          if int(c.ReferencedROINumber) == number), [])
+                          if int(c.ReferencedROINumber) == number), None)
+    if contour_items is None:  # type 1: present, with an item per ROI, even an empty one
+        raise SatsError(f"{rs_path}: no ROI Contour item for ROI {roi.ROIName!r} (truncated or damaged file?)")
     n, rows, cols = ct.grid.shape
     mask = np.zeros((n, rows, cols), dtype=np.uint8)
     normal = ct.grid.direction[:, 2]
@@ -439,9 +471,15 @@ def read_rtstruct_roi(
     for item in contour_items:
         if str(item.get("ContourGeometricType", "")) != "CLOSED_PLANAR":
             continue  # points and open lines enclose nothing
-        points = np.asarray(item.ContourData, dtype=np.float64).reshape(-1, 3)
+        values = np.asarray(item.ContourData, dtype=np.float64).ravel()
+        if values.size % 3:
+            raise SatsError(f"{rs_path}: a contour of {roi.ROIName!r} has {values.size} coordinates, "
+                            f"not 3 per point (damaged file?)")
+        points = values.reshape(-1, 3)
         if len(points) < 3:
             continue
+        if not np.all(np.isfinite(points)):
+            raise SatsError(f"{rs_path}: a contour of {roi.ROIName!r} holds non-finite coordinates")
         h = float(np.mean(points @ normal))
         k = int(np.argmin(np.abs(heights - h)))
         rc, dist = patient_to_pixel(points, ct.slices[k])

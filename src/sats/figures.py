@@ -77,3 +77,24 @@ def asymmetry_png(ct: Volume, asymmetry: np.ndarray, path: Path, mask: np.ndarra
     fig.colorbar(heat, ax=axes, fraction=0.02, label="||g(E) - g(E')||")
     fig.suptitle(title or "asymmetry map (prediction in cyan)")
     return _save(fig, path)
+
+
+def training_curves_png(history: list[dict], path: Path, stage1_epochs: int) -> Path:
+    """Training losses and validation Dice per epoch (a RUN folder's log.csv rows);
+    a dashed line marks the start of stage 2."""
+    ep = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for k in ("loss", "dice", "ce"):
+        ax1.plot(ep, [r[k] for r in history], label=k)
+    if any(r["margin"] for r in history):
+        ax1.plot(ep, [r["margin"] for r in history], label="margin")
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("training loss"), ax1.legend()
+    ax2.plot(ep, [r["val_dice"] for r in history], "o-", ms=3)
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("validation Dice"), ax2.set_ylim(0, 1)
+    for ax in (ax1, ax2):
+        ax.axvline(stage1_epochs + 0.5, color="grey", ls="--", lw=0.8)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return path

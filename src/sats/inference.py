@@ -14,20 +14,64 @@ window w of the CT, which gives mirror TTA and the asymmetry map
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from sats.io import SatsError, Volume, read_image
-from sats.network import NetworkPlan, SATsNet
-from sats.preprocessing import IntensityStats, Preprocessed, preprocess, resample_to
+from sats.config import Precision, validate_options
+from sats.io import SatsError, Volume, case_id, is_image_file, read_image
+from sats.network import SATsNet
+from sats.preprocessing import IntensityStats, Preprocessed, keep_largest_component, preprocess, resample_to
+from sats.run import Run, RunConfig
 from sats.symmetry import mirror_lr
+from sats.volume import about
+
+__all__ = ["LoadedRun", "PredictOptions", "Prediction", "keep_largest_component", "load_run", "predict_case", "predict_paths",
+           "sliding_window_probabilities"]
+
+#: ``sats predict --format`` values: NIfTI (or other image) masks, or DICOM objects that
+#: reference the input CT series.
+OutputFormat = Literal["nifti", "rtstruct", "seg"]
+OUTPUT_FORMATS = ("nifti", "rtstruct", "seg")
+
+
+@dataclass
+class PredictOptions:
+    """How a prediction runs and what it writes; validated when made.
+
+    Attributes:
+        device: "cpu" or "cuda". precision: "fp32" or "bf16" (autocast).
+        overlap: window overlap as a fraction of the patch, in [0, 1).
+        tta: average with the prediction of the left-right mirrored CT.
+        largest_component: keep only the largest 26-connected region of the mask.
+        save_probabilities, asymmetry_map: also write these maps (NIfTI).
+        fmt: "nifti" (mask image), "rtstruct" or "seg" (DICOM objects referencing the input series).
+        series_uid: the CT series to read from a DICOM folder holding several.
+    """
+
+    device: str = "cpu"
+    precision: Precision = field(default="fp32", metadata={"option": "--precision"})
+    overlap: float = 0.5
+    tta: bool = False
+    largest_component: bool = True
+    save_probabilities: bool = False
+    asymmetry_map: bool = False
+    fmt: OutputFormat = field(default="nifti", metadata={"option": "--format"})
+    series_uid: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_options(self)
+        if not 0.0 <= self.overlap < 1.0:
+            raise SatsError(f"overlap must be in [0, 1), not {self.overlap}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise SatsError("--device cuda asked for, but no CUDA device is available")
 
 
 def autocast(device: torch.device, precision: str):
@@ -104,13 +148,22 @@ def sliding_window_probabilities(
 
 @dataclass
 class LoadedRun:
-    """A trained RUN folder: the model and the preprocessing it was trained with."""
+    """A trained RUN folder in memory: the model and the preprocessing it was trained with."""
 
     model: SATsNet
-    patch_size: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    stats: IntensityStats
-    config: dict
+    config: RunConfig
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return tuple(self.config.plan.patch_size)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.config.spacing
+
+    @property
+    def stats(self) -> IntensityStats:
+        return self.config.intensity
 
     @property
     def has_head(self) -> bool:
@@ -118,50 +171,21 @@ class LoadedRun:
 
 
 def load_run(run: Path, device: torch.device | str = "cpu") -> LoadedRun:
-    """Load ``config.json`` and ``model.pt`` of a RUN folder (weights only, never pickles)."""
-    from sats.training import _check_format, _read_config, config_from_dict
-
-    run = Path(run)
-    if not run.is_dir():
-        raise SatsError(f"{run}: no such RUN folder")
-    config = _read_config(run)
-    weights = run / "model.pt"
-    if not weights.exists():
-        raise SatsError(f"{run}: no model.pt (training not finished?)")
-    try:
-        state = torch.load(weights, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise SatsError(f"{weights}: cannot load weights ({type(exc).__name__})") from None
-    _check_format(state, weights)
-    cfg = config_from_dict(config["train"])
-    plan = NetworkPlan.from_dict(config["plan"])
-    model = SATsNet(plan, residual=cfg.residual, projection_head=cfg.projection_head, head_channels=cfg.head_channels)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError:
-        raise SatsError(f"{weights}: weights do not match the network in config.json") from None
-    return LoadedRun(model.to(device).eval(), tuple(plan.patch_size), tuple(config["spacing"]), IntensityStats(**config["intensity"]), config)
-
-
-def keep_largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected region of a binary mask (the mask itself when empty)."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    if n <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    """Load a RUN folder's configuration and ``model.pt`` (weights only, never pickles)."""
+    opened = Run.open(run)
+    return LoadedRun(opened.load_model(device), opened.config)
 
 
 def check_ct(volume: Volume, name: str) -> None:
-    """Refuse images that are not CT in HU (a clear message rather than a silent bad mask)."""
-    lo, hi = float(volume.array.min()), float(volume.array.max())
-    if lo > -500 or hi < 100:
-        raise SatsError(f"{name}: intensities {lo:.0f}..{hi:.0f} do not look like CT in HU (expect air near -1000)")
+    """Refuse images that are not 3D CT in HU (a clear message rather than a silent bad mask);
+    the rule is :func:`sats.dataset.ct_intensity_warning`'s."""
+    from sats.dataset import ct_intensity_warning
+
     if min(volume.shape) < 2:
         raise SatsError(f"{name}: a 3D CT is needed, got size {volume.shape[::-1]} (x, y, z)")
+    problem = ct_intensity_warning(float(volume.array.min()), float(volume.array.max()))
+    if problem:
+        raise SatsError(f"{name}: {problem}")
 
 
 @dataclass
@@ -187,14 +211,14 @@ def preprocess_for(run: LoadedRun, ct: Volume) -> Preprocessed:
     """The training run's preprocessing: its alignment mode, spacing and normalisation."""
     from sats.alignment import estimate_plane
 
-    train = run.config["train"]
+    train = run.config.train
     plane = None
-    if train.get("align", False):
+    if train.align:
         atlas = None
-        if train.get("atlas"):
-            if not Path(train["atlas"]).exists():
-                raise SatsError(f"the model was trained with the atlas {train['atlas']}, which is missing")
-            atlas = read_image(train["atlas"])
+        if train.atlas:
+            if not Path(train.atlas).exists():
+                raise SatsError(f"the model was trained with the atlas {train.atlas}, which is missing")
+            atlas = read_image(train.atlas)
         plane = estimate_plane(ct, atlas).plane
     return preprocess(ct, run.spacing, run.stats, plane=plane)
 
@@ -203,33 +227,29 @@ def predict_case(
     run: LoadedRun,
     ct: Volume,
     pre: Preprocessed | None = None,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    overlap: float = 0.5,
-    tta: bool = False,
-    asymmetry_map: bool = False,
+    options: PredictOptions | None = None,
     on_window: Callable[[], None] | None = None,
-    largest_component: bool = True,
+    **overrides,
 ) -> Prediction:
     """Predict one CT (HU, any grid); the outputs share the CT's exact geometry.
 
-    ``largest_component`` keeps only the largest 26-connected region of the mask: a
-    primary GTV is one mass, and stray false-positive islands far from it dominate HD95.
+    ``options`` (default :class:`PredictOptions`), with any of its fields overridden by
+    keyword, e.g. ``predict_case(run, ct, precision="bf16")``. The largest-component rule
+    keeps one region: a primary GTV is one mass, and stray islands far from it dominate HD95.
     """
-    import time
-
     t0 = time.time()
-    if asymmetry_map and not run.has_head:
+    opt = replace(options or PredictOptions(), **overrides)
+    if opt.asymmetry_map and not run.has_head:
         raise SatsError("--asymmetry-map needs a model trained with the projection head")
     pre = pre or preprocess_for(run, ct)
     model = run.model
     prob, asym = sliding_window_probabilities(
-        model.encoder_decoder, pre.image, run.patch_size, overlap=overlap, device=device, precision=precision,
-        tta=tta, head=model.head if asymmetry_map else None, on_window=on_window,
+        model.encoder_decoder, pre.image, run.patch_size, overlap=opt.overlap, device=opt.device, precision=opt.precision,
+        tta=opt.tta, head=model.head if opt.asymmetry_map else None, on_window=on_window,
     )
     prob_native = resample_to(pre.grid.with_array(prob), ct, order=1, default=0.0)
     binary = prob_native.array >= 0.5
-    if largest_component:
+    if opt.largest_component:
         binary = keep_largest_component(binary)
     mask = ct.with_array(binary.astype(np.uint8))
     asym_native = resample_to(pre.grid.with_array(asym), ct, order=1, default=0.0) if asym is not None else None
@@ -250,14 +270,6 @@ def prefetch(items: list, load: Callable, workers: int = 1) -> Iterator[tuple[ob
 # --- files and folders ----------------------------------------------------------------------
 
 
-def case_id_for(path: Path) -> str:
-    """Case id from a file or DICOM folder name: suffix and nnU-Net's ``_0000`` stripped."""
-    from sats.io import strip_suffix
-
-    name = strip_suffix(path.name) if path.is_file() else path.name
-    return name[:-5] if name.endswith("_0000") else name
-
-
 def _has_dicom(folder: Path) -> bool:
     for f in folder.iterdir():
         if f.is_file():
@@ -271,17 +283,15 @@ def _has_dicom(folder: Path) -> bool:
 def collect_inputs(path: Path) -> tuple[list[tuple[str, Path]], bool]:
     """``([(case_id, path), ...], single)`` for an image file, a DICOM series folder, or a
     folder of image files and/or DICOM series sub-folders."""
-    from sats.io import is_image_file
-
     path = Path(path)
     if not path.exists():
         raise SatsError(f"{path}: no such file or folder")
     if path.is_file():
-        return [(case_id_for(path), path)], True
+        return [(case_id(path), path)], True
     if _has_dicom(path):
-        return [(case_id_for(path), path)], True
-    items = [(case_id_for(f), f) for f in sorted(path.iterdir()) if is_image_file(f) and not f.name.startswith(".")]
-    items += [(case_id_for(d), d) for d in sorted(path.iterdir()) if d.is_dir() and _has_dicom(d)]
+        return [(case_id(path), path)], True
+    items = [(case_id(f), f) for f in sorted(path.iterdir()) if is_image_file(f) and not f.name.startswith(".")]
+    items += [(case_id(d), d) for d in sorted(path.iterdir()) if d.is_dir() and _has_dicom(d)]
     if not items:
         raise SatsError(f"{path}: no images (.nii.gz, .nii, .nrrd, .mha) or DICOM series found")
     ids = [c for c, _ in items]
@@ -289,11 +299,6 @@ def collect_inputs(path: Path) -> tuple[list[tuple[str, Path]], bool]:
     if dupes:
         raise SatsError(f"{path}: several inputs share the case id {dupes[0]}")
     return items, False
-
-
-#: ``sats predict --format`` values: NIfTI (or other image) masks, or DICOM objects that
-#: reference the input CT series.
-OUTPUT_FORMATS = ("nifti", "rtstruct", "seg")
 
 
 def output_paths(output: Path, case_id: str, single: bool, fmt: str = "nifti") -> dict[str, Path]:
@@ -326,55 +331,25 @@ def predict_paths(
     input_path: Path,
     output: Path,
     run_dir: Path,
-    device: str = "cpu",
-    precision: str = "fp32",
-    overlap: float = 0.5,
-    tta: bool = False,
-    save_probabilities: bool = False,
-    asymmetry_map: bool = False,
-    largest_component: bool = True,
+    options: PredictOptions | None = None,
     console=None,
-    fmt: str = "nifti",
-    series_uid: str | None = None,
 ) -> tuple[int, int]:
     """Predict every input under ``input_path`` into ``output``; returns (done, failed).
 
-    A bad case in a folder is reported and skipped; the others still finish. Every file
-    is written atomically, so a failed case leaves nothing behind.
-
-    Args:
-        fmt: ``nifti`` (mask image), ``rtstruct`` or ``seg`` (DICOM objects referencing the
-            input CT series; every input must then be a DICOM series folder).
-        series_uid: SeriesInstanceUID of the CT series to read from a single DICOM folder
-            holding several (default: the CT series with most slices).
+    A bad case in a folder is reported, naming its file, and skipped; the others still
+    finish. Every file is written atomically, so a failed case leaves nothing behind.
+    With ``options.fmt`` rtstruct or seg every input must be a DICOM CT series folder.
     """
-    import time
-
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sats.dicom import read_dicom_series
-    from sats.export import write_rtstruct, write_seg
-    from sats.io import write_image
+    from sats.progress import progress_bar
 
     console = console or Console()
-    if fmt not in OUTPUT_FORMATS:
-        raise SatsError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, not {fmt!r}")
+    opt = options or PredictOptions()
     items, single = collect_inputs(input_path)
-    if series_uid is not None and not (single and items[0][1].is_dir()):
-        raise SatsError(f"{input_path}: --series needs one DICOM series folder as input")
-    if fmt != "nifti":
-        if single and not items[0][1].is_dir():
-            raise SatsError(f"{items[0][1]}: --format {fmt} needs a DICOM CT series folder as input (the output references its slices)")
-        if single and output.suffix and output.suffix.lower() != ".dcm":
-            raise SatsError(f"{output}: --format {fmt} writes a DICOM file: name it *.dcm, or give a folder")
-    elif single and not output.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")) and output.suffix:
-        raise SatsError(f"{output}: output for one input must be an image file (.nii.gz, .nii, .nrrd, .mha) or a folder")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SatsError("--device cuda asked for, but no CUDA device is available")
-    run = load_run(run_dir, dev)
-    if asymmetry_map and not run.has_head:
+    check_outputs(input_path, output, items, single, opt)
+    run = load_run(run_dir, opt.device)
+    if opt.asymmetry_map and not run.has_head:
         raise SatsError(f"{run_dir}: --asymmetry-map needs a model trained with the projection head")
     if not single:
         try:
@@ -382,47 +357,73 @@ def predict_paths(
         except OSError as exc:
             raise SatsError(f"{output}: cannot create output folder ({exc.strerror})") from None
 
-    def load(item):
-        case_id, path = item
-        if fmt != "nifti" and not path.is_dir():
-            raise SatsError(f"{path}: --format {fmt} needs a DICOM CT series folder as input (the output references its slices)")
-        ct = read_dicom_series(path, series_uid) if path.is_dir() else read_image(path)
-        check_ct(ct, str(path))
-        return ct, preprocess_for(run, ct)
+    def load(item: tuple[str, Path]) -> tuple[Volume, Preprocessed]:
+        with about(item[1]):
+            return read_and_preprocess(run, item[1], opt)
 
     done = failed = 0
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("cases", total=len(items))
-        for (case_id, path), future in prefetch(items, load):
-            t0 = time.time()
+        for (cid, path), future in prefetch(items, load):
             try:
-                ct, pre = future.result()
-                windows = progress.add_task(f"  {case_id}", total=count_windows(pre.image.shape, run.patch_size, overlap))
-                pred = predict_case(run, ct, pre, device=dev, precision=precision, overlap=overlap, tta=tta,
-                                    asymmetry_map=asymmetry_map, on_window=lambda: progress.advance(windows),
-                                    largest_component=largest_component)
-                progress.remove_task(windows)
-                paths = output_paths(output, case_id, single, fmt)
-                note = ""
-                if fmt == "rtstruct":
-                    if not write_rtstruct(pred.mask, path, paths["mask"], series_uid=series_uid, mask_name=case_id):
-                        note = " (empty: the RTSTRUCT holds the ROI without contours)"
-                elif fmt == "seg":
-                    write_seg(pred.mask, path, paths["mask"], series_uid=series_uid, mask_name=case_id)
-                else:
-                    write_image(pred.mask, paths["mask"])
-                if save_probabilities:
-                    write_image(pred.probabilities, paths["probabilities"])
-                if asymmetry_map and pred.asymmetry is not None:
-                    write_image(pred.asymmetry, paths["asymmetry"])
+                with about(path):
+                    ct, pre = future.result()
+                    windows = progress.add_task(f"  {cid}", total=count_windows(pre.image.shape, run.patch_size, opt.overlap))
+                    pred = predict_case(run, ct, pre, opt, on_window=lambda: progress.advance(windows))
+                    progress.remove_task(windows)
+                paths = output_paths(output, cid, single, opt.fmt)
+                note = write_outputs(pred, path, paths, cid, opt)
                 done += 1
                 ml = float(pred.mask.array.sum()) * pred.mask.voxel_volume_ml
-                progress.console.print(f"{case_id}: {ml:.1f} ml GTV, {time.time() - t0:.1f} s -> {paths['mask']}{note}")
+                progress.console.print(f"{cid}: {ml:.1f} ml GTV, {pred.seconds:.1f} s -> {paths['mask']}{note}")
             except SatsError as exc:
-                failed += 1
-                progress.console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
                 if single:
                     raise
+                failed += 1
+                progress.console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             progress.advance(task)
     return done, failed
+
+
+def check_outputs(input_path: Path, output: Path, items: list[tuple[str, Path]], single: bool, opt: PredictOptions) -> None:
+    """Refuse input/output combinations that cannot work, before any model is loaded."""
+    if opt.series_uid is not None and not (single and items[0][1].is_dir()):
+        raise SatsError(f"{input_path}: --series needs one DICOM series folder as input")
+    if opt.fmt != "nifti":
+        if single and not items[0][1].is_dir():
+            raise SatsError(f"{items[0][1]}: --format {opt.fmt} needs a DICOM CT series folder as input (the output references its slices)")
+        if single and output.suffix and output.suffix.lower() != ".dcm":
+            raise SatsError(f"{output}: --format {opt.fmt} writes a DICOM file: name it *.dcm, or give a folder")
+    elif single and not output.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")) and output.suffix:
+        raise SatsError(f"{output}: output for one input must be an image file (.nii.gz, .nii, .nrrd, .mha) or a folder")
+
+
+def read_and_preprocess(run: LoadedRun, path: Path, opt: PredictOptions) -> tuple[Volume, Preprocessed]:
+    """Read one input (image file or DICOM series folder), check it is CT, preprocess it."""
+    from sats.dicom import read_dicom_series
+
+    if opt.fmt != "nifti" and not path.is_dir():
+        raise SatsError(f"--format {opt.fmt} needs a DICOM CT series folder as input (the output references its slices)")
+    ct = read_dicom_series(path, opt.series_uid) if path.is_dir() else read_image(path)
+    check_ct(ct, str(path))
+    return ct, preprocess_for(run, ct)
+
+
+def write_outputs(pred: Prediction, source: Path, paths: dict[str, Path], name: str, opt: PredictOptions) -> str:
+    """Write the mask (image, RTSTRUCT or SEG) and the optional maps; returns a note for the log."""
+    from sats.export import write_rtstruct, write_seg
+    from sats.io import write_image
+
+    note = ""
+    if opt.fmt == "rtstruct":
+        if not write_rtstruct(pred.mask, source, paths["mask"], series_uid=opt.series_uid, mask_name=name):
+            note = " (empty: the RTSTRUCT holds the ROI without contours)"
+    elif opt.fmt == "seg":
+        write_seg(pred.mask, source, paths["mask"], series_uid=opt.series_uid, mask_name=name)
+    else:
+        write_image(pred.mask, paths["mask"])
+    if opt.save_probabilities:
+        write_image(pred.probabilities, paths["probabilities"])
+    if opt.asymmetry_map and pred.asymmetry is not None:
+        write_image(pred.asymmetry, paths["asymmetry"])
+    return note

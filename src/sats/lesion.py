@@ -755,7 +755,7 @@ def write_lesion_dataset(
     source file name), so the output is the same whatever the number of workers.
     Returns a summary: {"train": n, "test": n, "skipped": n}.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from sats.progress import progress_bar
 
     config = config or LesionConfig()
     out = Path(out)
@@ -774,8 +774,7 @@ def write_lesion_dataset(
     skipped: dict[str, str] = {}
     used: set[str] = set()
     counts = {"Tr": 0, "Ts": 0}
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[info]}"), console=console, disable=console is None)
+    progress = progress_bar(console, info=True)
     with progress, ProcessPoolExecutor(max_workers=workers) as pool:
         for split, candidates, wanted in plan:
             if counts[split] >= wanted:
@@ -807,18 +806,24 @@ def write_lesion_dataset(
     everything = {p.name for p in train_pool + (test_pool or [])}
     for name in sorted(everything - used - set(skipped)):
         skipped[name] = "not needed: enough cases were written from earlier candidates"
+    _write_lesion_metadata(out, background, seed, config, counts["Tr"], lesions, skipped)
+    return {"train": counts["Tr"], "test": counts["Ts"], "skipped": len(skipped)}
+
+
+def _write_lesion_metadata(out: Path, background: Path, seed: int, config: LesionConfig, n_train: int,
+                           lesions: dict, skipped: dict) -> None:
+    """dataset.json, lesions.json and skipped.json of a lesion test bed."""
     meta = {
         "name": "SATs real-anatomy test bed",
         "description": f"Real head-and-neck CTs from {Path(background).resolve()} with one inserted NPC-like GTV each "
                        f"(sats phantom --background, seed {seed}); the label is the inserted GTV alone.",
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "GTV": 1},
-        "numTraining": counts["Tr"], "file_ending": ".nii.gz",
+        "numTraining": n_train, "file_ending": ".nii.gz",
         "lesion_insertion": {"seed": seed, "background": str(Path(background).resolve()), **asdict(config)},
     }
     write_text_atomic(out / "dataset.json", json.dumps(meta, indent=2))
     write_text_atomic(out / "lesions.json", json.dumps(lesions, indent=2))
     write_text_atomic(out / "skipped.json", json.dumps(dict(sorted(skipped.items())), indent=2))
-    return {"train": counts["Tr"], "test": counts["Ts"], "skipped": len(skipped)}
 
 
 def _in_order(futures: list):

@@ -40,7 +40,12 @@ def asymmetric_mask(seg: torch.Tensor, lr_axis: int = LR_AXIS, region: AsymRegio
     """
     s = seg > 0.5
     s_mirror = mirror_lr(s, lr_axis)
-    m = s & ~s_mirror if region == "paper" else s ^ s_mirror
+    if region == "paper":
+        m = s & ~s_mirror
+    elif region == "union":
+        m = s ^ s_mirror
+    else:
+        raise ValueError(f"region must be paper or union, not {region!r}")
     return m.to(torch.float32)
 
 

@@ -307,16 +307,15 @@ def make_case(seed: int, index: int, split: str = "Tr", config: PhantomConfig | 
 
 def write_phantom_dataset(out: Path, n_train: int, n_test: int, seed: int, config: PhantomConfig | None = None, console=None) -> Path:
     """Write ``n_train`` + ``n_test`` cases in nnU-Net v2 raw layout, with ``poses.json``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from sats.progress import progress_bar
 
     config = config or PhantomConfig()
     out = Path(out)
     jobs = [("Tr", i) for i in range(n_train)] + [("Ts", i) for i in range(n_test)]
     poses: dict[str, dict] = {}
-    progress = Progress(TextColumn("phantom cases"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, disable=console is None)
+    progress = progress_bar(console)
     with progress:
-        task = progress.add_task("", total=len(jobs))
+        task = progress.add_task("phantom cases", total=len(jobs))
         for split, i in jobs:
             case = make_case(seed, i, split, config)
             write_image(case.ct, out / f"images{split}" / f"{case.case_id}_0000.nii.gz")

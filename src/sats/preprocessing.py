@@ -71,16 +71,22 @@ def grid_centre_plane(volume: Volume) -> Plane:
     return Plane(volume.direction[:, 0], centre)
 
 
-def body_mask(hu: np.ndarray) -> np.ndarray:
-    """The patient: the largest connected region above -500 HU (drops the couch and
-    immobilisation devices when they do not touch the body), holes filled slice-wise."""
-    mask = hu > BODY_HU
-    labels, n = ndimage.label(mask)
-    if n == 0:
+def keep_largest_component(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
+    """The largest connected region of a binary ``(z, y, x)`` mask (6- or 26-connected);
+    the mask itself when it has at most one region."""
+    structure = ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[connectivity])
+    labels, n = ndimage.label(mask, structure=structure)
+    if n <= 1:
         return mask
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels == int(np.argmax(sizes))
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The patient: the largest 6-connected region above -500 HU (drops the couch and
+    immobilisation devices when they do not touch the body)."""
+    return keep_largest_component(hu > BODY_HU, connectivity=6)
 
 
 def symmetric_grid(ct: Volume, spacing: tuple[float, float, float], plane: Plane | None = None, margin_mm: float = 5.0) -> Volume:

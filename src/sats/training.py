@@ -1,9 +1,10 @@
-"""Training SATs: configuration, the cached preprocessing, and the two-stage loop.
+"""Training SATs: the case cache, the patch stream, and the two-stage loop.
 
-Read top to bottom: :class:`TrainConfig` (the paper's values are the defaults), the
-``cpu`` preset, the case cache, then :func:`train`, which runs stage 1 (Siamese
-encoder-decoder, Dice + BCE) and stage 2 (projection head + margin loss) with the same
-loop; the ablations of the paper's Table 3 are flags of that loop.
+Read top to bottom: the case cache, the patch stream, one optimiser step
+(:func:`train_step`), then :func:`train`, a table of contents over named steps (set-up,
+cases, restore, epoch, end of epoch). Stage 1 trains the Siamese encoder-decoder with
+Dice + BCE, stage 2 adds the projection head and the margin loss; the ablations of the
+paper's Table 3 and the U-Net baseline are options of the same loop (:mod:`sats.config`).
 
 Runs unchanged under ``torchrun --nproc_per_node=N -m sats train ...`` (DDP, gloo on
 CPU, nccl on GPU): every rank samples its own patches, gradients are averaged, and only
@@ -12,140 +13,36 @@ rank 0 validates and writes files.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 
-from sats import __version__
+from sats.config import TrainConfig, fit_to_data, preset
 from sats.dataset import check_dataset, list_cases, load_dataset_json
+from sats.evaluation import dice
 from sats.inference import sliding_window_probabilities
-from sats.io import SatsError, atomic_path, read_image, write_text_atomic
+from sats.io import SatsError, atomic_path, read_image, read_spacing, write_text_atomic
 from sats.losses import SegmentationLoss, asymmetric_mask, margin_loss
 from sats.network import SATsNet, count_parameters, plan_network
 from sats.patches import AugmentConfig, CaseArrays, sample_patch
 from sats.preprocessing import IntensityStats, foreground_samples, intensity_stats, preprocess
+from sats.progress import progress_bar
+from sats.run import RUN_FORMAT, Run, RunConfig, lock_folder
 from sats.symmetry import mirror_lr
+from sats.volume import about
 
-#: Bumped when RUN folders stop being readable by older code.
-RUN_FORMAT = 1
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run. Defaults are the paper's (Sec. 3.3)."""
-
-    preset: str = "paper"
-    patch_size: tuple[int, int, int] = (56, 192, 192)
-    spacing: tuple[float, float, float] | None = None  # None: the dataset's median spacing
-    align: bool = True  # resample each CT about its own mid-sagittal plane (sats.alignment)
-    atlas: str | None = None  # symmetric atlas image: find the plane by affine registration to it
-    base_features: int = 32
-    max_features: int = 320
-    residual: bool = False
-    batch_size: int = 2
-    stage1_epochs: int = 800
-    stage2_epochs: int = 200
-    iters_per_epoch: int = 250
-    optimizer: str = "sgd"  # "sgd" (the paper: Nesterov momentum) or "adamw"
-    lr: float = 1e-2  # stage 1, and the head in stage 2
-    stage2_backbone_lr: float = 1e-5
-    momentum: float = 0.99
-    weight_decay: float = 3e-5
-    poly_exponent: float = 0.9
-    projection_head: bool = True
-    head_channels: int = 16
-    margin_loss: bool = True
-    margin: float = 20.0
-    # The paper gives no beta. 0.1 keeps the margin term (about 16-20 for asymmetric
-    # voxels, 0-4 for symmetric ones) on the scale of Dice + BCE.
-    beta: float = 0.1
-    asym_region: str = "paper"  # "paper" (Eq. 1) or "union" (s XOR s')
-    foreground_fraction: float = 1 / 3
-    augment: bool = True
-    folds: int = 5
-    fold: int | str = 0  # 0..folds-1, or "all" (no validation)
-    val_every: int = 1
-    val_overlap: float = 0.5
-    seed: int = 0
-    num_workers: int = 0
-    amp: bool = True  # bf16 autocast on CUDA
-    # Ablations and baselines (sats ablation): siamese=False trains the encoder-decoder on
-    # the CT alone (a plain U-Net with left-right flip augmentation); schedule "joint" runs
-    # the head and the margin loss from the first epoch in one stage of total_epochs.
-    siamese: bool = True
-    schedule: str = "two-stage"  # "two-stage" (the paper) or "joint"
-    # When the preset's spacing is more than 1.5 times finer than the data's median along an
-    # axis, use the data's spacing there and a patch covering the same millimetres.
-    follow_data: bool = True
-    grad_clip: float = 12.0
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("two-stage", "joint"):
-            raise SatsError(f"schedule must be two-stage or joint, not {self.schedule!r}")
-        if self.margin_loss and not self.siamese:
-            raise SatsError("the margin loss compares the two branches: it needs siamese=True")
-
-    @property
-    def total_epochs(self) -> int:
-        return self.stage1_epochs + self.stage2_epochs
-
-    def stage(self, epoch: int) -> str:
-        """The stage an epoch (from 0) belongs to: "1", "2" or "joint"."""
-        if self.schedule == "joint":
-            return "joint"
-        return "1" if epoch < self.stage1_epochs else "2"
-
-
-def fit_to_data(cfg: TrainConfig, data_spacing: tuple[float, float, float]) -> tuple[tuple, tuple]:
-    """(spacing, patch size) to train at: the configuration's, except where
-    ``cfg.follow_data`` and the configured spacing would up-sample the data more than 1.5
-    times along an axis; there the data's spacing and a patch of the same extent in mm
-    (rounded up to a multiple of 8 voxels, at least 16) are used.
-
-    Example:
-        >>> cfg = preset("cpu")  # 24 x 80 x 80 voxels at 3 x 1.6 x 1.6 mm
-        >>> fit_to_data(cfg, (2.5, 3.9, 3.9))  # OpenKBP: 4 mm in-plane
-        ((3.0, 3.9, 3.9), (24, 40, 40))
-    """
-    if cfg.spacing is None:
-        return tuple(float(s) for s in data_spacing), tuple(cfg.patch_size)
-    spacing, patch = list(cfg.spacing), list(cfg.patch_size)
-    if cfg.follow_data:
-        for a in range(3):
-            if data_spacing[a] > 1.5 * cfg.spacing[a]:
-                mm = cfg.patch_size[a] * cfg.spacing[a]
-                spacing[a] = float(data_spacing[a])
-                patch[a] = max(16, int(8 * math.ceil(mm / spacing[a] / 8)))
-    return tuple(float(s) for s in spacing), tuple(int(p) for p in patch)
-
-
-def preset(name: str) -> TrainConfig:
-    """``paper``: the paper's configuration. ``cpu``: small enough to train on the
-    default phantom in under ten minutes on 2 cores: coarser spacing, 8 base features,
-    19 short epochs, more tumour patches, and AdamW, which gets a small network going
-    within a few hundred iterations where SGD at momentum 0.99 needs thousands. The
-    stage-2 learning rates keep the paper's 1000:1 ratio of head to encoder-decoder."""
-    if name == "paper":
-        return TrainConfig()
-    if name == "cpu":
-        return TrainConfig(
-            preset="cpu", patch_size=(24, 80, 80), spacing=(3.0, 1.6, 1.6), base_features=8,
-            max_features=128, stage1_epochs=16, stage2_epochs=3, iters_per_epoch=25, batch_size=2,
-            optimizer="adamw", lr=3e-3, stage2_backbone_lr=3e-6, foreground_fraction=0.5, val_every=2,
-        )
-    raise SatsError(f"unknown preset {name!r} (paper or cpu)")
+__all__ = ["TrainConfig", "TrainResult", "fit_to_data", "preset", "train", "train_step"]
 
 
 # --- distributed helpers ----------------------------------------------------------------
@@ -180,9 +77,18 @@ def alignment_mode(cfg: TrainConfig) -> str:
     return "none" if not cfg.align else (f"atlas:{Path(cfg.atlas).resolve()}" if cfg.atlas else "self")
 
 
-def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console, rank: int = 0) -> tuple[list[CaseArrays], IntensityStats, tuple]:
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
+
+
+def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console | None, rank: int = 0) -> tuple[list[CaseArrays], IntensityStats, tuple]:
     """Preprocess every training case once (align, resample, crop to the body, normalise)
-    and cache the arrays as .npy under ``cache``; later runs reuse them."""
+    and cache the arrays as .npy under ``cache``; later runs reuse them.
+
+    ``meta.json`` is written last and names a key over the inputs and settings, so a cache
+    left half-written by a killed run is simply rebuilt.
+    """
     from sats.alignment import estimate_plane
 
     if cfg.spacing is None:
@@ -200,10 +106,9 @@ def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console
     if rank != 0:
         raise SatsError("the training cache must be prepared by rank 0 first")
     cache.mkdir(parents=True, exist_ok=True)
-    volumes = []
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("reading", total=len(cases))
-        samples = []
+        volumes, samples = [], []
         for c in cases:
             ct, lab = read_image(c.image), read_image(c.label)  # type: ignore[arg-type]
             volumes.append((ct, lab))
@@ -215,16 +120,14 @@ def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console
         planes = {}
         for c, (ct, lab) in zip(cases, volumes):
             plane = None
-            if cfg.align:
-                try:
+            with about(c.image):
+                if cfg.align:
                     result = estimate_plane(ct, atlas)
-                except SatsError as exc:
-                    raise SatsError(f"{c.image}: {exc}") from None
-                plane = result.plane
-                planes[c.case_id] = result.to_dict()
-            pre = preprocess(ct, spacing, stats, label=lab, plane=plane)
-            np.save(cache / f"{c.case_id}_image.npy", pre.image)
-            np.save(cache / f"{c.case_id}_label.npy", pre.label)
+                    plane = result.plane
+                    planes[c.case_id] = result.to_dict()
+                pre = preprocess(ct, spacing, stats, label=lab, plane=plane)
+            _save_npy(cache / f"{c.case_id}_image.npy", pre.image)
+            _save_npy(cache / f"{c.case_id}_label.npy", pre.label)
             progress.advance(task)
     write_text_atomic(meta_file, json.dumps({"key": _cache_key(files, spacing, stats, align), "spacing": list(spacing),
                                              "stats": stats.to_dict(), "align": align, "planes": planes}, indent=2))
@@ -244,22 +147,8 @@ def training_cases(dataset: Path):
 
 def median_spacing(dataset: Path) -> tuple[float, float, float]:
     """Median voxel spacing (z, y, x) mm of the training images (read from the headers)."""
-    spacings = [read_image_header_spacing(c.image) for c in training_cases(dataset)]
+    spacings = [read_spacing(c.image) for c in training_cases(dataset)]
     return tuple(float(v) for v in np.median(np.array(spacings), axis=0))  # type: ignore[return-value]
-
-
-def read_image_header_spacing(path: Path) -> tuple[float, float, float]:
-    import SimpleITK as sitk
-
-    if path.is_dir():
-        return read_image(path).spacing
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return read_image(path).spacing  # raises a clean SatsError
-    return tuple(reader.GetSpacing()[::-1])  # type: ignore[return-value]
 
 
 def _load_cache(cache: Path, ids: list[str]) -> list[CaseArrays]:
@@ -307,26 +196,7 @@ class PatchStream(torch.utils.data.IterableDataset):
             yield torch.from_numpy(image[None]), torch.from_numpy(label[None])
 
 
-@dataclass
-class TrainResult:
-    """What :func:`train` returns: epochs in the log, validation Dice (last, best),
-    seconds spent in this call, and the trained model (on every rank)."""
-
-    epochs: int
-    last_val_dice: float
-    best_val_dice: float
-    seconds: float
-    model: SATsNet
-
-
-# --- the loop -----------------------------------------------------------------------------
-
-
-def _progress(console: Console, info: bool = False) -> Progress:
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    if info:
-        columns += [TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    return Progress(*columns, console=console)
+# --- one step -------------------------------------------------------------------------------
 
 
 def poly_lr(base: float, epoch: int, epochs: int, exponent: float = 0.9) -> float:
@@ -343,9 +213,7 @@ def validate(model: SATsNet, cases: list[CaseArrays], cfg: TrainConfig, device: 
         prob, _ = sliding_window_probabilities(
             model.encoder_decoder, np.asarray(case.image), cfg.patch_size, overlap=cfg.val_overlap, device=device,
         )
-        pred, ref = prob >= 0.5, case.label > 0
-        denom = pred.sum() + ref.sum()
-        dices.append(1.0 if denom == 0 else 2.0 * np.logical_and(pred, ref).sum() / denom)
+        dices.append(dice(prob >= 0.5, case.label) / 100.0)
     model.train()
     return float(np.mean(dices))
 
@@ -366,7 +234,9 @@ def stage_optimizer(model: SATsNet, cfg: TrainConfig, stage: str) -> torch.optim
         g["initial_lr"] = g["lr"]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    raise SatsError(f"optimizer must be sgd or adamw, not {cfg.optimizer!r}")
 
 
 def stage_epochs(cfg: TrainConfig, epoch: int) -> tuple[int, int]:
@@ -419,10 +289,52 @@ def train_step(
     return out
 
 
-def config_from_dict(d: dict) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
-    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
-    return TrainConfig(**d)
+# --- the loop -----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: epochs in the log, validation Dice (last, best),
+    seconds spent in this call, and the trained model (on every rank)."""
+
+    epochs: int
+    last_val_dice: float
+    best_val_dice: float
+    seconds: float
+    model: SATsNet
+
+
+@dataclass
+class Setup:
+    """Device and process group of this process. ``say`` prints on rank 0 only."""
+
+    device: torch.device
+    rank: int
+    world: int
+    distributed: bool
+    say: Console
+
+
+@dataclass
+class Cases:
+    """The preprocessed training and validation cases and the grid they live on."""
+
+    train: list[CaseArrays]
+    val: list[CaseArrays]
+    stats: IntensityStats
+    spacing: tuple[float, float, float]
+
+
+@dataclass
+class LoopState:
+    """What changes from epoch to epoch; a checkpoint is this plus the weights."""
+
+    first: int  # the first epoch (from 0) this call runs
+    history: list[dict] = field(default_factory=list)
+    checkpoint: dict | None = None  # the resumed checkpoint, until its optimiser state is used
+    stage: str = ""
+    optimizer: torch.optim.Optimizer | None = None
+    net: torch.nn.Module | None = None  # the model, DDP-wrapped when distributed
 
 
 def train(
@@ -435,225 +347,192 @@ def train(
     device: str | None = None,
     console: Console | None = None,
     max_epochs: int | None = None,
-) -> "TrainResult":
-    """Train SATs on an nnU-Net-layout dataset into the RUN folder ``out``.
+) -> TrainResult:
+    """Train SATs on an nnU-Net-layout dataset into the RUN folder ``out`` (:mod:`sats.run`).
 
-    ``out`` receives ``config.json``, ``checkpoint.pt`` (every epoch, atomic),
-    ``model.pt`` (final weights), ``log.csv`` and ``curves.png``.
-    ``max_epochs`` stops this call after that many epochs (the run stays resumable).
-    Returns a :class:`TrainResult`.
+    ``stage`` is "1", "2" or "all"; ``resume`` continues from ``out/checkpoint.pt`` with
+    the configuration stored there; ``max_epochs`` stops this call after that many epochs
+    (the run stays resumable). Returns a :class:`TrainResult`.
     """
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    distributed = _setup_distributed(dev)
-    rank, world = _dist_info()
-    if dev.type == "cuda" and distributed:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-    console = console or Console()
-    quiet = Console(quiet=True)
-    say = console if rank == 0 else quiet
+    env = setup(device, console)
     out = Path(out)
-    if resume:
-        if not (out / "checkpoint.pt").exists():
-            raise SatsError(f"{out}: nothing to resume (no checkpoint.pt)")
-        saved = _read_config(out)
-        cfg = config_from_dict(saved["train"])
-    if stage not in ("1", "2", "all"):
-        raise SatsError(f"stage must be 1, 2 or all, not {stage!r}")
-    if stage != "all" and cfg.schedule == "joint":
-        raise SatsError("the joint schedule has one stage: train it with --stage all")
-
-    if rank == 0:
-        report = check_dataset(dataset)
-        if report.problems:
-            raise SatsError(f"{dataset}: fails `sats check` ({len(report.problems)} problem(s)); first: {report.problems[0]}")
-    # The grid to train on: the configuration's, fitted to the data's spacing.
-    if not resume:
-        cfg.spacing, cfg.patch_size = fit_to_data(cfg, median_spacing(dataset))
-    # Cases: rank 0 preprocesses, the others read its cache.
-    cache = Path(cache) if cache else out / "cache"
-    if rank == 0:
-        cases, stats, spacing = prepare_cases(dataset, cache, cfg, say)
-    if distributed:
-        dist.barrier()
-    if rank != 0:
-        cases, stats, spacing = prepare_cases(dataset, cache, cfg, quiet, rank=rank)
-    train_ids, val_ids = split_folds([c.case_id for c in cases], cfg.folds, cfg.fold)
-    train_cases = [c for c in cases if c.case_id in set(train_ids)]
-    val_cases = [c for c in cases if c.case_id in set(val_ids)]
-    if not train_cases:
-        raise SatsError(f"{dataset}: the training split is empty")
-    if sum(len(c.fg) for c in train_cases) == 0:
-        raise SatsError(f"{dataset}: every training label is empty")
-
-    torch.manual_seed(cfg.seed)
-    plan = plan_network(cfg.patch_size, spacing, cfg.base_features, cfg.max_features)
-    model = SATsNet(plan, residual=cfg.residual, projection_head=cfg.projection_head, head_channels=cfg.head_channels).to(dev)
-    run_config = {
-        "format": RUN_FORMAT, "sats_version": __version__, "train": asdict(cfg), "plan": asdict(plan),
-        "spacing": list(spacing), "intensity": stats.to_dict(), "dataset": str(Path(dataset).resolve()),
-        "labels": load_dataset_json(dataset)["labels"], "train_ids": train_ids, "val_ids": val_ids,
-    }
-
-    first, last = {"1": (0, cfg.stage1_epochs), "2": (cfg.stage1_epochs, cfg.total_epochs), "all": (0, cfg.total_epochs)}[stage]
-    final = last
-    history: list[dict] = []
-    ckpt = None
-    if resume:
-        ckpt = torch.load(out / "checkpoint.pt", map_location=dev, weights_only=True)
-        _check_format(ckpt, out / "checkpoint.pt")
-        model.load_state_dict(ckpt["model"])
-        history = list(ckpt["history"])
-        first = int(ckpt["epoch"]) + 1
-        torch.set_rng_state(ckpt["torch_rng"])
-    elif stage == "2":
-        weights = out / "model.pt"
-        if not weights.exists():
-            raise SatsError(f"{out}: stage 2 needs the stage-1 weights in {weights}")
-        state = torch.load(weights, map_location=dev, weights_only=True)
-        _check_format(state, weights)
-        model.load_state_dict(state["model"])
-        history = _read_log(out / "log.csv")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.json", json.dumps(run_config, indent=2))
-        say.print(
-            f"[bold]sats train[/] {dataset} -> {out}  preset {cfg.preset}, patch {cfg.patch_size}, spacing "
-            f"{tuple(round(s, 3) for s in spacing)} mm, {count_parameters(model.encoder_decoder):,} parameters, "
-            f"{len(train_cases)} train / {len(val_cases)} val cases, device {dev}, {world} process(es)"
-        )
-
-    seg_loss = SegmentationLoss()
-    optimizer, net, current_stage = None, model, ""
-    use_amp = cfg.amp and dev.type == "cuda"
-    t_start = time.time()
-    if max_epochs is not None:
-        last = min(last, first + max_epochs)
-    for epoch in range(first, last):
-        st = cfg.stage(epoch)
-        if st != current_stage:
-            optimizer = stage_optimizer(model, cfg, st)
-            if ckpt is not None and str(ckpt["stage"]) == st:
-                optimizer.load_state_dict(ckpt["optimizer"])
-            net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if distributed else model
-            current_stage = st
-        e0, n_ep = stage_epochs(cfg, epoch)
-        for g in optimizer.param_groups:
-            g["lr"] = poly_lr(g["initial_lr"], e0, n_ep, cfg.poly_exponent)
-        with_margin = st in ("2", "joint") and cfg.margin_loss
-        loader = torch.utils.data.DataLoader(
-            PatchStream(train_cases, cfg, epoch, rank), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-            pin_memory=dev.type == "cuda", persistent_workers=False,
-        )
-        sums = {"loss": 0.0, "dice": 0.0, "ce": 0.0, "margin": 0.0}
-        t0 = time.time()
-        model.train()
-        with _progress(say, info=True) as progress:
-            task = progress.add_task(f"epoch {epoch + 1}/{cfg.total_epochs} (stage {st})", total=cfg.iters_per_epoch, info="")
-            for it, (x, s) in enumerate(loader, 1):
-                x, s = x.to(dev, non_blocking=True), s.to(dev, non_blocking=True).float()
-                terms = train_step(net, x, s, cfg, st, optimizer, seg_loss, use_amp)
-                for k in sums:
-                    sums[k] += terms[k]
-                progress.update(task, advance=1, info=" ".join(f"{k} {v / it:.3f}" for k, v in sums.items() if k != "margin" or with_margin))
-        row = {"epoch": epoch + 1, "stage": st, "lr": optimizer.param_groups[0]["lr"],
-               "lr_head": optimizer.param_groups[1]["lr"] if len(optimizer.param_groups) > 1 else 0.0}
-        row.update({k: v / cfg.iters_per_epoch for k, v in sums.items()})
-        row["val_dice"] = float("nan")
-        if rank == 0 and val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == last):
-            row["val_dice"] = validate(model, val_cases, cfg, dev)
-        row["seconds"] = time.time() - t0
-        history.append(row)
-        if rank == 0:
-            say.print(f"  epoch {epoch + 1}: loss {row['loss']:.4f}  val Dice {row['val_dice']:.4f}  ({row['seconds']:.1f} s)")
-            _save(out / "checkpoint.pt", {
-                "format": RUN_FORMAT, "epoch": epoch, "stage": st, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "history": history, "torch_rng": torch.get_rng_state(),
-                "lr_schedule": {"kind": "poly", "exponent": cfg.poly_exponent, "stage_epoch": e0, "stage_epochs": n_ep},
-            })
-            _write_log(out / "log.csv", history)
-        if distributed:
-            dist.barrier()
-
-    seconds = time.time() - t_start
-    if rank == 0 and last == final:
-        _save(out / "model.pt", {"format": RUN_FORMAT, "model": model.state_dict()})
-        _plot_curves(history, out / "curves.png", cfg.stage1_epochs)
-    vals = [r["val_dice"] for r in history if not math.isnan(r["val_dice"])]
-    result = TrainResult(len(history), vals[-1] if vals else float("nan"), max(vals) if vals else float("nan"), seconds, model)
-    if rank == 0:
-        say.print(
-            f"[bold green]done[/]: {result.epochs} epochs, this call {seconds / 60:.1f} min; validation Dice last "
-            f"{result.last_val_dice:.4f}, best {result.best_val_dice:.4f}; weights in {out / 'model.pt'}"
-        )
-    if distributed:
+    with lock_folder(out) if env.rank == 0 else nullcontext():
+        if resume:
+            cfg = resumed_config(out)
+        check_stage(cfg, stage)
+        cases = load_cases(dataset, out, cfg, cache, env, fit=not resume)
+        run = start_run(dataset, out, cfg, cases, env)
+        torch.manual_seed(cfg.seed)
+        model = run.build_model().to(env.device)
+        state = restore(run, model, stage, resume)
+        final = stage_span(cfg, stage)[1]
+        last = final if max_epochs is None else min(final, state.first + max_epochs)
+        t_start = time.time()
+        for epoch in range(state.first, last):
+            row = run_epoch(model, state, cases, cfg, epoch, env)
+            end_of_epoch(run, model, state, row, cases, cfg, epoch, last, env)
+        seconds = time.time() - t_start
+        if env.rank == 0 and last == final:
+            run.save_model(model)
+            run.plot_curves(state.history)
+    result = _result(state.history, seconds, model)
+    env.say.print(f"[bold green]done[/]: {result.epochs} epochs, this call {seconds / 60:.1f} min; validation Dice last "
+                  f"{result.last_val_dice:.4f}, best {result.best_val_dice:.4f}; weights in {run.model_file}")
+    if env.distributed:
         dist.barrier()
         dist.destroy_process_group()
     return result
 
 
-# --- RUN folder files ----------------------------------------------------------------------
+# --- the steps of train() ---------------------------------------------------------------------
 
 
-def _save(path: Path, obj: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def setup(device: str | None, console: Console | None) -> Setup:
+    """Pick the device, join the process group under torchrun, and the console of rank 0."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SatsError("--device cuda asked for, but no CUDA device is available")
+    distributed = _setup_distributed(dev)
+    rank, world = _dist_info()
+    if dev.type == "cuda" and distributed:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    say = (console or Console()) if rank == 0 else Console(quiet=True)
+    return Setup(dev, rank, world, distributed, say)
 
 
-def _check_format(obj, path: Path) -> None:
-    if not isinstance(obj, dict) or obj.get("format") != RUN_FORMAT:
-        raise SatsError(f"{path}: written by an incompatible sats version (format {obj.get('format') if isinstance(obj, dict) else '?'}, expected {RUN_FORMAT})")
+def resumed_config(out: Path) -> TrainConfig:
+    """The configuration a run to be resumed was started with."""
+    run = Run.open(out)
+    if not run.checkpoint_file.exists():
+        raise SatsError(f"{out}: nothing to resume (no checkpoint.pt)")
+    return run.config.train
 
 
-def _read_config(run: Path) -> dict:
-    path = run / "config.json"
-    if not path.exists():
-        raise SatsError(f"{run}: not a sats RUN folder (no config.json)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SatsError(f"{path}: invalid JSON ({exc.msg})") from None
-    _check_format(config, path)
-    return config
+def check_stage(cfg: TrainConfig, stage: str) -> None:
+    if stage not in ("1", "2", "all"):
+        raise SatsError(f"stage must be 1, 2 or all, not {stage!r}")
+    if stage != "all" and cfg.schedule == "joint":
+        raise SatsError("the joint schedule has one stage: train it with --stage all")
 
 
-LOG_COLUMNS = ["epoch", "stage", "lr", "lr_head", "loss", "dice", "ce", "margin", "val_dice", "seconds"]
+def stage_span(cfg: TrainConfig, stage: str) -> tuple[int, int]:
+    """(first, end) epochs, from 0, that ``stage`` covers."""
+    return {"1": (0, cfg.stage1_epochs), "2": (cfg.stage1_epochs, cfg.total_epochs), "all": (0, cfg.total_epochs)}[stage]
 
 
-def _write_log(path: Path, history: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
-            writer.writeheader()
-            for row in history:
-                writer.writerow({k: row[k] for k in LOG_COLUMNS})
+def load_cases(dataset: Path, out: Path, cfg: TrainConfig, cache: Path | None, env: Setup, fit: bool) -> Cases:
+    """Check the dataset, fit the grid to its spacing (``fit``), preprocess or read the
+    cache (rank 0 first), and split into training and validation cases."""
+    if env.rank == 0:
+        report = check_dataset(dataset)
+        if report.problems:
+            raise SatsError(f"{dataset}: fails `sats check` ({len(report.problems)} problem(s)); first: {report.problems[0]}")
+    if fit:
+        cfg.spacing, cfg.patch_size = fit_to_data(cfg, median_spacing(dataset))
+    cache = Path(cache) if cache else out / "cache"
+    if env.rank == 0:
+        arrays, stats, spacing = prepare_cases(dataset, cache, cfg, env.say)
+    if env.distributed:
+        dist.barrier()
+    if env.rank != 0:
+        arrays, stats, spacing = prepare_cases(dataset, cache, cfg, None, rank=env.rank)
+    train_ids, val_ids = split_folds([c.case_id for c in arrays], cfg.folds, cfg.fold)
+    cases = Cases([c for c in arrays if c.case_id in set(train_ids)], [c for c in arrays if c.case_id in set(val_ids)], stats, spacing)
+    if not cases.train:
+        raise SatsError(f"{dataset}: the training split is empty")
+    if sum(len(c.fg) for c in cases.train) == 0:
+        raise SatsError(f"{dataset}: every training label is empty")
+    return cases
 
 
-def _read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as fh:
-        return [{k: (int(v) if k == "epoch" else v if k == "stage" else float(v)) for k, v in row.items()} for row in csv.DictReader(fh)]
+def start_run(dataset: Path, out: Path, cfg: TrainConfig, cases: Cases, env: Setup) -> Run:
+    """The RUN folder's configuration: written by rank 0, the same object on every rank."""
+    plan = plan_network(cfg.patch_size, cases.spacing, cfg.base_features, cfg.max_features)
+    config = RunConfig(cfg, plan, cases.spacing, cases.stats, str(Path(dataset).resolve()), load_dataset_json(dataset)["labels"],
+                       [c.case_id for c in cases.train], [c.case_id for c in cases.val])
+    if env.rank != 0:
+        return Run(out, config)
+    run = Run.create(out, config)
+    env.say.print(
+        f"[bold]sats train[/] {dataset} -> {out}  preset {cfg.preset}, patch {cfg.patch_size}, spacing "
+        f"{tuple(round(s, 3) for s in cases.spacing)} mm, {count_parameters(run.build_model().encoder_decoder):,} parameters, "
+        f"{len(cases.train)} train / {len(cases.val)} val cases, device {env.device}, {env.world} process(es)"
+    )
+    return run
 
 
-def _plot_curves(history: list[dict], path: Path, stage1_epochs: int) -> None:
-    import matplotlib
+def restore(run: Run, model: SATsNet, stage: str, resume: bool) -> LoopState:
+    """Where this call starts: a resumed checkpoint, the stage-1 weights for stage 2, or scratch."""
+    cfg = run.config.train
+    if resume:
+        ckpt = run.load_checkpoint(model)
+        torch.set_rng_state(ckpt["torch_rng"])
+        return LoopState(int(ckpt["epoch"]) + 1, list(ckpt["history"]), ckpt)
+    if stage == "2":
+        if not run.model_file.exists():
+            raise SatsError(f"{run.path}: stage 2 needs the stage-1 weights in {run.model_file}")
+        run.load_weights(model, run.model_file)
+        return LoopState(cfg.stage1_epochs, run.read_log())
+    return LoopState(stage_span(cfg, stage)[0])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    ep = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for k in ("loss", "dice", "ce"):
-        ax1.plot(ep, [r[k] for r in history], label=k)
-    if any(r["margin"] for r in history):
-        ax1.plot(ep, [r["margin"] for r in history], label="margin")
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("training loss"), ax1.legend()
-    ax2.plot(ep, [r["val_dice"] for r in history], "o-", ms=3)
-    ax2.set_xlabel("epoch"), ax2.set_ylabel("validation Dice"), ax2.set_ylim(0, 1)
-    for ax in (ax1, ax2):
-        ax.axvline(stage1_epochs + 0.5, color="grey", ls="--", lw=0.8)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+def run_epoch(model: SATsNet, state: LoopState, cases: Cases, cfg: TrainConfig, epoch: int, env: Setup) -> dict:
+    """One epoch of ``iters_per_epoch`` steps; returns its log row (mean loss terms)."""
+    st = cfg.stage(epoch)
+    if st != state.stage:  # a new stage (or the first epoch of this call): its optimiser
+        state.optimizer = stage_optimizer(model, cfg, st)
+        if state.checkpoint is not None and str(state.checkpoint["stage"]) == st:
+            state.optimizer.load_state_dict(state.checkpoint["optimizer"])
+        state.checkpoint = None
+        state.net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.distributed else model
+        state.stage = st
+    assert state.optimizer is not None and state.net is not None
+    e0, n_ep = stage_epochs(cfg, epoch)
+    for g in state.optimizer.param_groups:
+        g["lr"] = poly_lr(g["initial_lr"], e0, n_ep, cfg.poly_exponent)
+    loader = torch.utils.data.DataLoader(PatchStream(cases.train, cfg, epoch, env.rank), batch_size=cfg.batch_size,
+                                         num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda")
+    seg_loss, shown = SegmentationLoss(), ("loss", "dice", "ce", "margin") if st in ("2", "joint") and cfg.margin_loss else ("loss", "dice", "ce")
+    sums = dict.fromkeys(("loss", "dice", "ce", "margin"), 0.0)
+    t0 = time.time()
+    model.train()
+    with progress_bar(env.say, info=True) as progress:
+        task = progress.add_task(f"epoch {epoch + 1}/{cfg.total_epochs} (stage {st})", total=cfg.iters_per_epoch, info="")
+        for it, (x, s) in enumerate(loader, 1):
+            x, s = x.to(env.device, non_blocking=True), s.to(env.device, non_blocking=True).float()
+            terms = train_step(state.net, x, s, cfg, st, state.optimizer, seg_loss, cfg.amp and env.device.type == "cuda")
+            for k in sums:
+                sums[k] += terms[k]
+            progress.update(task, advance=1, info=" ".join(f"{k} {sums[k] / it:.3f}" for k in shown))
+    groups = state.optimizer.param_groups
+    row = {"epoch": epoch + 1, "stage": st, "lr": groups[0]["lr"], "lr_head": groups[1]["lr"] if len(groups) > 1 else 0.0}
+    row.update({k: v / cfg.iters_per_epoch for k, v in sums.items()})
+    row["seconds"] = time.time() - t0
+    return row
+
+
+def end_of_epoch(run: Run, model: SATsNet, state: LoopState, row: dict, cases: Cases, cfg: TrainConfig,
+                 epoch: int, last: int, env: Setup) -> None:
+    """Validate (rank 0, every ``val_every`` epochs and at the end), log, checkpoint."""
+    row["val_dice"] = float("nan")
+    if env.rank == 0 and cases.val and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == last):
+        row["val_dice"] = validate(model, cases.val, cfg, env.device)
+    state.history.append(row)
+    if env.rank == 0:
+        env.say.print(f"  epoch {epoch + 1}: loss {row['loss']:.4f}  val Dice {row['val_dice']:.4f}  ({row['seconds']:.1f} s)")
+        e0, n_ep = stage_epochs(cfg, epoch)
+        assert state.optimizer is not None
+        run.save_checkpoint({
+            "epoch": epoch, "stage": state.stage, "model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "history": state.history, "torch_rng": torch.get_rng_state(),
+            "lr_schedule": {"kind": "poly", "exponent": cfg.poly_exponent, "stage_epoch": e0, "stage_epochs": n_ep},
+        })
+        run.write_log(state.history)
+    if env.distributed:
+        dist.barrier()
+
+
+def _result(history: list[dict], seconds: float, model: SATsNet) -> TrainResult:
+    vals = [r["val_dice"] for r in history if not math.isnan(r["val_dice"])]
+    return TrainResult(len(history), vals[-1] if vals else float("nan"), max(vals) if vals else float("nan"), seconds, model)

@@ -16,6 +16,8 @@ This module imports no other part of sats, so every reader (files, DICOM) can us
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +26,30 @@ import SimpleITK as sitk
 
 class SatsError(Exception):
     """A user-facing error: the CLI prints its message on one line and exits non-zero."""
+
+
+def itk_reason(exc: Exception) -> str:
+    """The reason in an ITK/GDCM exception message: its last non-empty line (the first
+    lines are a file/line banner)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+@contextmanager
+def about(source: object) -> Iterator[None]:
+    """Name the input a :class:`SatsError` raised inside concerns, once.
+
+    Example:
+        >>> with about("ct_001.nii.gz"):  # doctest: +SKIP
+        ...     estimate_plane(ct)  # "ct_001.nii.gz: mid-sagittal plane unreliable: ..."
+    """
+    try:
+        yield
+    except SatsError as exc:
+        name = str(source)
+        if str(exc).startswith(name):
+            raise
+        raise SatsError(f"{name}: {exc}") from None
 
 
 @dataclass
