@@ -256,7 +256,7 @@ def _test_planes(dataset: Path, out: Path, align: bool, console) -> dict[str, di
     return planes
 
 
-def _predict_and_score(run: Path, dataset: Path, planes: dict, console) -> list[dict]:
+def _predict_and_score(run: Path, dataset: Path, planes: dict, console, device: str | None = None) -> list[dict]:
     """Predict every test CT into ``run/test`` (cases already there are kept), then score."""
     from sats.dataset import list_cases
     from sats.evaluation import compute_metrics
@@ -268,7 +268,10 @@ def _predict_and_score(run: Path, dataset: Path, planes: dict, console) -> list[
     scores = run / "metrics.csv"
     if scores.exists():
         return _read_rows(scores)
-    loaded = load_run(run)
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_run(run, device)
     rows = []
     for case in list_cases(dataset, "Ts"):
         target = run / "test" / f"{case.case_id}.nii.gz"
@@ -278,7 +281,7 @@ def _predict_and_score(run: Path, dataset: Path, planes: dict, console) -> list[
         else:
             plane = planes.get(case.case_id)
             pre = preprocess(ct, loaded.spacing, loaded.stats, plane=Plane.from_dict(plane) if plane else None)
-            mask = predict_case(loaded, ct, pre).mask
+            mask = predict_case(loaded, ct, pre, device=device).mask
             write_image(mask, target)
         m = compute_metrics(mask.array, read_image(case.label).array, ct.spacing, case=case.case_id)  # type: ignore[arg-type]
         rows.append({"case": case.case_id, "dsc": m.dsc, "hd95": m.hd95, "asd": m.asd, "nsd": m.nsd})
@@ -338,7 +341,7 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
             train(dataset, run, cfg, resume=(run / "checkpoint.pt").exists(), cache=out / "cache", device=device, console=console)
         if planes is None:
             planes = _test_planes(dataset, out, variant_config(settings, variant, seed).align, console)
-        for r in _predict_and_score(run, dataset, planes, console):
+        for r in _predict_and_score(run, dataset, planes, console, device):
             rows.append({"variant": variant, "seed": seed, **{k: r[k] for k in ("case", *METRICS)}})
         summary = write_outputs(out, settings, rows)
         took = time.time() - t0
