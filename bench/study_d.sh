@@ -1,7 +1,7 @@
 #!/bin/bash
 # Study D (issue 10): the paper preset on the lesion test bed, on one GPU, as many variants
 # as fit. Also times paper-preset training steps (bench/train_speed.py).
-#   DATA=.dev/testbed OUTDIR=.dev/D RESULTS=/tmp/d BUDGET_S=330 EPOCHS=8 ITERS=50 bash bench/study_d.sh
+#   DATA=.dev/testbed OUTDIR=.dev/D RESULTS=/tmp/d BUDGET_S=330 EPOCHS=8 ITERS=50 [SKIP_SPEED=1] bash bench/study_d.sh
 # Expects monai and SimpleITK importable (on a bare GPU image: carried wheels on PYTHONPATH).
 set -u
 DATA=${DATA:-.dev/testbed}; OUTDIR=${OUTDIR:-.dev/D}; RESULTS=${RESULTS:-${OUT:-/tmp/study_d}}
@@ -9,7 +9,8 @@ BUDGET_S=${BUDGET_S:-330}; EPOCHS=${EPOCHS:-8}; ITERS=${ITERS:-50}; VARIANTS=${V
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RESULTS/gpu.txt"
-for amp in "" "--amp"; do
+for amp in $([ -n "${SKIP_SPEED:-}" ] || echo fp32 amp); do
+  [ "$amp" = amp ] && amp=--amp || amp=""
   python3 bench/train_speed.py --preset paper --device cuda --iters 10 --warmup 3 $amp 2>&1 | tee -a "$RESULTS/train_speed.txt"
 done
 # Patch 48x128x128 covers the whole 4.7 mm in-plane field of these CTs; the rest is the paper preset.
