@@ -159,3 +159,30 @@ def test_ablation_survives_sigkill_and_does_not_retrain_finished_runs(tmp_path):
     other = subprocess.run([c if c != "2" else "3" for c in cmd], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)
     assert other.returncode == 1 and "other settings" in other.stderr
+
+
+def test_a_test_ct_that_cannot_be_aligned_is_still_scored(tmp_path, monkeypatch):
+    import sats.alignment as alignment
+    from rich.console import Console
+
+    from sats.ablation import _test_planes
+    from sats.preprocessing import grid_centre_plane
+
+    data = _tiny_with_test_split(tmp_path / "data")
+    test_ids = sorted(p.name[: -len("_0000.nii.gz")] for p in (data / "imagesTs").glob("*_0000.nii.gz"))
+    assert len(test_ids) >= 2
+
+    def flaky(ct, atlas=None, method="symmetry"):
+        if flaky.n == 0:
+            flaky.n += 1
+            raise alignment.UnreliablePlane("mid-sagittal plane unreliable: symmetry score 0.20 after alignment")
+        flaky.n += 1
+        return alignment.Alignment(grid_centre_plane(ct), 0.9, 0.9, 0.0)  # the featureless toys score too low
+
+    flaky.n = 0
+    monkeypatch.setattr(alignment, "estimate_plane", flaky)
+    console = Console(record=True, width=300)
+    planes = _test_planes(data, tmp_path / "study", True, console)
+    assert set(planes) == set(test_ids)  # every test case stays in the study
+    assert planes[test_ids[0]] is None and all(planes[c] is not None for c in test_ids[1:]), console.export_text()
+    assert "grid centre" in console.export_text()

@@ -170,3 +170,30 @@ def test_ddp_two_cpu_ranks_agree_and_only_rank0_writes(tmp_path) -> None:
     assert r1["writes"] == [] and any(w.endswith("model.pt") for w in r0["writes"])
     log = (tmp_path / "run" / "log.csv").read_text().splitlines()
     assert len(log) == 3  # one header + one row per epoch, written once
+
+
+def test_a_ct_that_cannot_be_aligned_is_left_out_not_fatal(tmp_path, monkeypatch) -> None:
+    import sats.alignment as alignment
+    from sats.preprocessing import grid_centre_plane
+
+    data = make_tiny_dataset(tmp_path / "data")
+    calls = []
+
+    def flaky(ct, atlas=None, method="symmetry"):
+        calls.append(1)
+        if len(calls) == 2:  # the second training CT
+            raise alignment.UnreliablePlane("mid-sagittal plane unreliable: symmetry score 0.20 after alignment")
+        return alignment.Alignment(grid_centre_plane(ct), 0.9, 0.9, 0.0)  # the featureless toys score too low
+
+    monkeypatch.setattr(alignment, "estimate_plane", flaky)
+    cfg = tiny_config(align=True, fold="all")
+    train(data, tmp_path / "run", cfg, device="cpu", cache=tmp_path / "cache")
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert list(meta["left_out"]) == ["case_001"] and "unreliable" in meta["left_out"]["case_001"]
+    assert "case_001" not in config["train_ids"] and len(config["train_ids"]) == 4
+    assert not (tmp_path / "cache" / "case_001_image.npy").exists()
+    # A second run reads the cache and leaves the same case out without aligning again.
+    calls.clear()
+    train(data, tmp_path / "run2", tiny_config(align=True, fold="all"), device="cpu", cache=tmp_path / "cache")
+    assert not calls and "case_001" not in json.loads((tmp_path / "run2" / "config.json").read_text())["train_ids"]

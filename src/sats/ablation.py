@@ -241,7 +241,7 @@ def _run_done(run: Path) -> bool:
 
 def _test_planes(dataset: Path, out: Path, align: bool, console) -> dict[str, dict | None]:
     """The mid-sagittal plane of each test CT, estimated once for the whole study."""
-    from sats.alignment import estimate_plane
+    from sats.alignment import UnreliablePlane, estimate_plane
     from sats.dataset import list_cases
     from sats.io import read_image
 
@@ -249,7 +249,14 @@ def _test_planes(dataset: Path, out: Path, align: bool, console) -> dict[str, di
     planes: dict = json.loads(path.read_text()) if path.exists() else {}
     todo = [c for c in list_cases(dataset, "Ts") if c.case_id not in planes]
     for i, case in enumerate(todo, 1):
-        planes[case.case_id] = estimate_plane(read_image(case.image)).plane.to_dict() if align else None
+        planes[case.case_id] = None
+        if align:
+            try:
+                planes[case.case_id] = estimate_plane(read_image(case.image)).plane.to_dict()
+            except UnreliablePlane as exc:
+                # Every test case is scored (leaving it out would flatter every variant alike
+                # but hide the failure): this one is mirrored about its grid centre instead.
+                console.print(f"[yellow]{case.image}: {exc}; mirrored about the grid centre instead[/]", highlight=False)
         if i % 10 == 0 or i == len(todo):
             write_text_atomic(path, json.dumps(planes, indent=1))
             console.print(f"  test planes: {len(planes)} found", highlight=False)

@@ -44,6 +44,11 @@ HU_WINDOW = (-400.0, 1500.0)
 MIN_SYMMETRY = 0.3
 
 
+class UnreliablePlane(SatsError):
+    """The best plane found still leaves the CT far from symmetric (not a head, or a scan
+    cut so that no symmetric anatomy is left)."""
+
+
 @dataclass
 class Alignment:
     """Result of a plane search: the plane (input LPS mm), symmetry scores before and after, seconds."""
@@ -304,7 +309,7 @@ def estimate_plane(ct: Volume, atlas: Volume | None = None, method: str = "symme
     else:
         result = plane_from_atlas(ct, atlas)
     if result.score_after < MIN_SYMMETRY:
-        raise SatsError(
+        raise UnreliablePlane(
             f"mid-sagittal plane unreliable: symmetry score {result.score_after:.2f} after alignment "
             f"(below {MIN_SYMMETRY}); is this a head CT? (for other images, train with --no-align)"
         )

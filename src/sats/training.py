@@ -87,9 +87,11 @@ def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console
     and cache the arrays as .npy under ``cache``; later runs reuse them.
 
     ``meta.json`` is written last and names a key over the inputs and settings, so a cache
-    left half-written by a killed run is simply rebuilt.
+    left half-written by a killed run is simply rebuilt. A CT whose mid-sagittal plane is
+    unreliable (:class:`sats.alignment.UnreliablePlane`) is left out with a warning and
+    listed under ``left_out`` in ``meta.json``.
     """
-    from sats.alignment import estimate_plane
+    from sats.alignment import UnreliablePlane, estimate_plane
 
     if cfg.spacing is None:
         raise ValueError("prepare_cases needs cfg.spacing set (see fit_to_data)")
@@ -102,7 +104,8 @@ def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console
         meta = json.loads(meta_file.read_text())
         stats = IntensityStats(**meta["stats"])
         if meta.get("key") == _cache_key(files, spacing, stats, align) and meta.get("spacing") == list(spacing):
-            return _load_cache(cache, [c.case_id for c in cases]), stats, spacing
+            left_out = meta.get("left_out", {})
+            return _load_cache(cache, [c.case_id for c in cases if c.case_id not in left_out]), stats, spacing
     if rank != 0:
         raise SatsError("the training cache must be prepared by rank 0 first")
     cache.mkdir(parents=True, exist_ok=True)
@@ -117,21 +120,32 @@ def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console
         stats = intensity_stats(samples)
         task = progress.add_task("aligning and preprocessing" if cfg.align else "preprocessing", total=len(cases))
         atlas = read_image(cfg.atlas) if cfg.align and cfg.atlas else None
-        planes = {}
+        planes, left_out = {}, {}
         for c, (ct, lab) in zip(cases, volumes):
             plane = None
             with about(c.image):
                 if cfg.align:
-                    result = estimate_plane(ct, atlas)
+                    try:
+                        result = estimate_plane(ct, atlas)
+                    except UnreliablePlane as exc:
+                        # One CT that cannot be aligned must not stop a training of hundreds:
+                        # it is left out, said aloud and recorded in the cache's meta.json.
+                        left_out[c.case_id] = f"{c.image}: {exc}"
+                        progress.console.print(f"[yellow]left out of training:[/] {c.image}: {exc}", highlight=False)
+                        progress.advance(task)
+                        continue
                     plane = result.plane
                     planes[c.case_id] = result.to_dict()
                 pre = preprocess(ct, spacing, stats, label=lab, plane=plane)
             _save_npy(cache / f"{c.case_id}_image.npy", pre.image)
             _save_npy(cache / f"{c.case_id}_label.npy", pre.label)
             progress.advance(task)
+    if len(left_out) == len(cases):
+        raise SatsError(f"{dataset}: no training CT could be aligned (first: {next(iter(left_out.values()))}); try --no-align")
     write_text_atomic(meta_file, json.dumps({"key": _cache_key(files, spacing, stats, align), "spacing": list(spacing),
-                                             "stats": stats.to_dict(), "align": align, "planes": planes}, indent=2))
-    return _load_cache(cache, [c.case_id for c in cases]), stats, spacing
+                                             "stats": stats.to_dict(), "align": align, "planes": planes,
+                                             "left_out": left_out}, indent=2))
+    return _load_cache(cache, [c.case_id for c in cases if c.case_id not in left_out]), stats, spacing
 
 
 def training_cases(dataset: Path):
