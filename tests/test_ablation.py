@@ -55,6 +55,19 @@ def _recompute(cases_csv: Path, variant: str, baseline: str, metric: str) -> dic
             "p_wilcoxon": wilcoxon(d).pvalue, "n": len(d)}
 
 
+def test_a_study_in_progress_pairs_only_seeds_every_variant_has_finished(tmp_path):
+    rows = [r for r in _rows() if not (r["variant"] != "unet" and r["seed"] == 1)]  # unet ahead by one seed
+    settings = AblationSettings(dataset="x", variants=["unet", "siamese", "sats"], seeds=[0, 1])
+    write_outputs(tmp_path, settings, rows)
+    md = (tmp_path / "summary.md").read_text()
+    assert "unet-s1" in md and "| unet | 1 | 12 |" in md  # seed 1 of unet waits for the others
+    only_seed0 = [r for r in rows if r["seed"] == 0]
+    (tmp_path / "ref").mkdir()
+    write_outputs(tmp_path / "ref", settings, only_seed0)
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert len((tmp_path / "cases.csv").read_text().splitlines()) == len(rows) + 1  # every run stays in cases.csv
+
+
 def test_summary_equals_the_statistics_recomputed_from_cases_csv(tmp_path):
     settings = AblationSettings(dataset="x", variants=["unet", "siamese", "sats"], seeds=[0, 1])
     write_outputs(tmp_path, settings, _rows())

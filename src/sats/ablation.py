@@ -157,11 +157,11 @@ def _p(x: float) -> str:
     return "n/a" if not math.isfinite(x) else (f"{x:.4f}" if x >= 1e-4 else f"{x:.1e}")
 
 
-def summary_markdown(summary: dict, settings: AblationSettings, n_runs: dict[str, int]) -> str:
+def summary_markdown(summary: dict, settings: AblationSettings, n_runs: dict[str, int], note: str = "") -> str:
     units = {"dsc": "DSC (%)", "hd95": "HD95 (mm)", "asd": "ASD (mm)", "nsd": "NSD 1 mm (%)"}
     lines = [f"# sats ablation: {settings.dataset}", "",
              f"Preset `{settings.preset}`, fold {settings.fold}, seeds {','.join(map(str, settings.seeds))}; "
-             "metrics averaged over seeds per case, then mean ± sd over test cases.", "",
+             "metrics averaged over seeds per case, then mean ± sd over test cases." + (f" {note}" if note else ""), "",
              "| variant | runs | cases | " + " | ".join(units[m] for m in METRICS) + " |",
              "|---|---|---|" + "---|" * len(METRICS)]
     for v in [v for v in VARIANTS if v in summary["variants"]]:
@@ -300,9 +300,18 @@ def write_outputs(out: Path, settings: AblationSettings, rows: list[dict]) -> di
     """cases.csv, summary.md, summary.json and ablation.png from the rows so far."""
     _write_rows(out / "cases.csv", rows, ("variant", "seed", "case", *METRICS))
     rows = _read_rows(out / "cases.csv")  # the statistics use exactly what the CSV holds
+    # While a study runs, the tables use the seeds every variant has finished, so that
+    # each comparison pairs the same seeds; until one has, whatever has finished.
+    variants = {r["variant"] for r in rows}
+    complete = [s for s in sorted({r["seed"] for r in rows}) if {r["variant"] for r in rows if r["seed"] == s} == variants]
+    pending = sorted({(r["variant"], r["seed"]) for r in rows if r["seed"] not in complete}) if complete else []
+    if pending:
+        rows = [r for r in rows if r["seed"] in complete]
     summary = summarize_rows(rows)
     n_runs = {v: len({r["seed"] for r in rows if r["variant"] == v}) for v in settings.variants}
-    write_text_atomic(out / "summary.md", summary_markdown(summary, settings, n_runs))
+    note = (f"Left out until every variant has finished their seed: {', '.join(f'{v}-s{s}' for v, s in pending)} "
+            "(in cases.csv).") if pending else ""
+    write_text_atomic(out / "summary.md", summary_markdown(summary, settings, n_runs, note))
     write_text_atomic(out / "summary.json", json.dumps(summary["paired"], indent=2))
     plot_paired(rows, out / "ablation.png")
     return summary
