@@ -375,9 +375,7 @@ def train(
             cfg = resumed_config(out)
         check_stage(cfg, stage)
         cases = load_cases(dataset, out, cfg, cache, env, fit=not resume)
-        run = start_run(dataset, out, cfg, cases, env)
-        torch.manual_seed(cfg.seed)
-        model = run.build_model().to(env.device)
+        run, model = start_run(dataset, out, cfg, cases, env)
         state = restore(run, model, stage, resume)
         final = stage_span(cfg, stage)[1]
         last = final if max_epochs is None else min(final, state.first + max_epochs)
@@ -460,20 +458,21 @@ def load_cases(dataset: Path, out: Path, cfg: TrainConfig, cache: Path | None, e
     return cases
 
 
-def start_run(dataset: Path, out: Path, cfg: TrainConfig, cases: Cases, env: Setup) -> Run:
-    """The RUN folder's configuration: written by rank 0, the same object on every rank."""
+def start_run(dataset: Path, out: Path, cfg: TrainConfig, cases: Cases, env: Setup) -> tuple[Run, SATsNet]:
+    """The RUN folder's configuration (written by rank 0, the same object on every rank)
+    and the model, initialised from ``cfg.seed`` on every rank."""
     plan = plan_network(cfg.patch_size, cases.spacing, cfg.base_features, cfg.max_features)
     config = RunConfig(cfg, plan, cases.spacing, cases.stats, str(Path(dataset).resolve()), load_dataset_json(dataset)["labels"],
                        [c.case_id for c in cases.train], [c.case_id for c in cases.val])
-    if env.rank != 0:
-        return Run(out, config)
-    run = Run.create(out, config)
+    run = Run.create(out, config) if env.rank == 0 else Run(out, config)
+    torch.manual_seed(cfg.seed)
+    model = run.build_model().to(env.device)
     env.say.print(
         f"[bold]sats train[/] {dataset} -> {out}  preset {cfg.preset}, patch {cfg.patch_size}, spacing "
-        f"{tuple(round(s, 3) for s in cases.spacing)} mm, {count_parameters(run.build_model().encoder_decoder):,} parameters, "
+        f"{tuple(round(s, 3) for s in cases.spacing)} mm, {count_parameters(model.encoder_decoder):,} parameters, "
         f"{len(cases.train)} train / {len(cases.val)} val cases, device {env.device}, {env.world} process(es)"
     )
-    return run
+    return run, model
 
 
 def restore(run: Run, model: SATsNet, stage: str, resume: bool) -> LoopState:
