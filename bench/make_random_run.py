@@ -1,5 +1,7 @@
 """Write a RUN folder with untrained weights for a preset, to time `sats predict` without
-training (the speed does not depend on the weights).
+training (the speed does not depend on the weights). Its localiser is untrained too: it
+finds no plausible region, so prediction takes the landmark ROI, as a trained RUN does
+when its localiser fails, and the timing stays representative.
 
     python bench/make_random_run.py --preset paper --out /tmp/run_paper [--no-align]
 """
@@ -14,6 +16,7 @@ import torch
 from sats.config import preset
 from sats.network import plan_network
 from sats.preprocessing import IntensityStats
+from sats.roi import Localiser, save_localiser
 from sats.run import Run, RunConfig
 
 
@@ -31,6 +34,7 @@ def main() -> None:
                                          dataset="none (untrained weights for timing)"))
     torch.manual_seed(0)
     run.save_model(run.build_model())
+    save_localiser(Localiser().eval(), run.localiser_file)
     print(f"untrained {args.preset} RUN in {args.out}")
 
 

@@ -17,7 +17,7 @@ import torch
 from sats.losses import SegmentationLoss
 from sats.network import SATsNet, count_parameters, plan_network
 from sats.config import preset
-from sats.training import stage_optimizer, train_step
+from sats.training import prepare_model, stage_optimizer, train_step
 
 
 def main() -> None:
@@ -27,11 +27,13 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (the default on CUDA in sats train)")
+    ap.add_argument("--plain", action="store_true", help="as before the speed work: default layout, no cuDNN autotune, unfused optimiser")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the encoder-decoder")
     args = ap.parse_args()
     cfg = preset(args.preset)
     dev = torch.device(args.device)
     plan = plan_network(cfg.patch_size, cfg.spacing or (3.0, 1.0, 1.0), cfg.base_features, cfg.max_features)
-    model = SATsNet(plan).to(dev)
+    model = SATsNet(plan).to(dev) if args.plain else prepare_model(SATsNet(plan), dev, args.amp, args.compile)  # as sats train does
     seg_loss = SegmentationLoss()
     b = cfg.batch_size
     x = torch.randn(b, 1, *cfg.patch_size, device=dev)
@@ -39,10 +41,11 @@ def main() -> None:
     d, h, w = cfg.patch_size
     s[:, :, d // 4 : d // 2, h // 4 : h // 2, w // 4 : w // 2] = 1
     print(f"preset {cfg.preset}, patch {cfg.patch_size}, batch {b} (x2 Siamese), {count_parameters(model.encoder_decoder):,} parameters, "
-          f"device {dev}{' ' + torch.cuda.get_device_name(dev) if dev.type == 'cuda' else ''}, amp {args.amp}")
+          f"device {dev}{' ' + torch.cuda.get_device_name(dev) if dev.type == 'cuda' else ''}, amp {args.amp}, "
+          f"{'plain' if args.plain else 'prepared'}{', compiled' if args.compile else ''}")
     print(f"{'stage':>5} {'it/s':>8} {'s/it':>8} {'peak GiB':>9}")
     for stage in ("1", "2"):
-        opt = stage_optimizer(model, cfg, stage)
+        opt = stage_optimizer(model, cfg, stage, fused=False if args.plain else None)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         for i in range(args.warmup + args.iters):

@@ -18,7 +18,8 @@ from sats.volume import SatsError
 
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["two-stage", "joint"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "auto"]
+RoiMode = Literal["auto", "whole"]
 
 
 def allowed_values(annotation) -> tuple | None:
@@ -74,8 +75,11 @@ class TrainConfig:
     val_every: int = 1
     val_overlap: float = 0.5
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int = -1  # -1: auto (CUDA: up to 8 loader processes, a core left free; CPU: none)
     amp: bool = True  # bf16 autocast on CUDA
+    # torch.compile the encoder-decoder on CUDA: 2.1x the steps/s on an H200 (synthetic
+    # steps); off by default until a whole run is measured (BENCHMARKS.md).
+    compile: bool = False
     # Ablations and baselines (sats ablation): siamese=False trains the encoder-decoder on
     # the CT alone (a plain U-Net with left-right flip augmentation); schedule "joint" runs
     # the head and the margin loss from the first epoch in one stage of total_epochs.
@@ -85,6 +89,9 @@ class TrainConfig:
     # axis, use the data's spacing there and a patch covering the same millimetres.
     follow_data: bool = True
     grad_clip: float = 12.0
+    # The ROI localiser (sats.roi), fitted after training; 0 leaves it out (prediction
+    # then takes the landmark ROI).
+    localiser_iters: int = 300
 
     def __post_init__(self) -> None:
         validate_options(self)
@@ -95,8 +102,10 @@ class TrainConfig:
         positive = ("base_features", "max_features", "batch_size", "iters_per_epoch", "folds", "val_every",
                     "lr", "margin", "grad_clip", "head_channels")
         bad = [f"{k}={getattr(self, k)}" for k in positive if not getattr(self, k) > 0]
-        bad += [f"{k}={getattr(self, k)}" for k in ("stage1_epochs", "stage2_epochs", "num_workers", "beta",
+        bad += [f"{k}={getattr(self, k)}" for k in ("stage1_epochs", "stage2_epochs", "beta", "localiser_iters",
                                                      "weight_decay", "stage2_backbone_lr") if getattr(self, k) < 0]
+        if self.num_workers < -1:
+            bad.append(f"num_workers={self.num_workers}")
         if self.total_epochs < 1:
             bad.append("stage1_epochs + stage2_epochs = 0")
         if not 0.0 <= self.foreground_fraction <= 1.0:

@@ -459,3 +459,13 @@ def _status(row: CaseRow) -> str:
     if row.n_warnings:
         return f"[yellow]{row.n_warnings} warning{'s' if row.n_warnings > 1 else ''}[/]"
     return "[green]ok[/]"
+
+
+def check_ct(volume: Volume, name: str) -> None:
+    """Refuse images that are not 3D CT in HU (a clear message rather than a silent bad mask);
+    the rule is :func:`sats.dataset.ct_intensity_warning`'s."""
+    if min(volume.shape) < 2:
+        raise SatsError(f"{name}: a 3D CT is needed, got size {volume.shape[::-1]} (x, y, z)")
+    problem = ct_intensity_warning(float(volume.array.min()), float(volume.array.max()))
+    if problem:
+        raise SatsError(f"{name}: {problem}")

@@ -1,10 +1,11 @@
 """Inference: sliding windows on the symmetric grid, then back to the input's exact grid.
 
 Pipeline of :func:`predict_case`: read -> the training run's preprocessing (plane,
-spacing, normalisation) -> sliding-window inference with Gaussian weighting (sigma =
-patch / 8), optional mirror test-time augmentation -> probabilities resampled linearly
-onto the input grid -> threshold 0.5. The mask has the input's size, spacing, origin and
-direction.
+spacing, normalisation) -> the region of interest (:mod:`sats.roi`: the run's localiser,
+else anatomical landmarks) -> sliding-window inference over the ROI with Gaussian
+weighting (sigma = patch / 8), optional mirror test-time augmentation -> probabilities
+resampled linearly onto the input grid -> threshold 0.5. Outside the ROI the probability
+is 0. The mask has the input's size, spacing, origin and direction.
 
 The CT and its left-right mirror can run side by side as the two channels of one
 sliding window: window w of the mirror then holds the anatomical mirror partners of
@@ -25,15 +26,17 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from sats.config import Precision, validate_options
-from sats.io import SatsError, Volume, case_id, is_image_file, read_image
+from sats.config import Precision, RoiMode, validate_options
+from sats.dataset import check_ct
+from sats.io import SatsError, Volume, collect_inputs, read_image
 from sats.network import SATsNet
 from sats.preprocessing import IntensityStats, Preprocessed, keep_largest_component, preprocess, resample_to
+from sats.roi import Localiser, Roi, find_roi, load_localiser, whole_roi
 from sats.run import Run, RunConfig
 from sats.symmetry import mirror_lr
 from sats.volume import about
 
-__all__ = ["LoadedRun", "PredictOptions", "Prediction", "keep_largest_component", "load_run", "predict_case", "predict_paths",
+__all__ = ["LoadedRun", "PredictOptions", "Prediction", "check_ct", "collect_inputs", "keep_largest_component", "load_run", "predict_case", "predict_paths",
            "sliding_window_probabilities"]
 
 #: ``sats predict --format`` values: NIfTI (or other image) masks, or DICOM objects that
@@ -47,7 +50,10 @@ class PredictOptions:
     """How a prediction runs and what it writes; validated when made.
 
     Attributes:
-        device: "cpu" or "cuda". precision: "fp32" or "bf16" (autocast).
+        device: "cpu" or "cuda". precision: "fp32", "bf16" (autocast) or "auto" (bf16 where
+            the CPU computes it natively (AMX or AVX512-BF16), else fp32).
+        roi: "auto" runs the network over the region of interest only (:mod:`sats.roi`),
+            "whole" over the whole body.
         overlap: window overlap as a fraction of the patch, in [0, 1).
         tta: average with the prediction of the left-right mirrored CT.
         largest_component: keep only the largest 26-connected region of the mask.
@@ -57,7 +63,8 @@ class PredictOptions:
     """
 
     device: str = "cpu"
-    precision: Precision = field(default="fp32", metadata={"option": "--precision"})
+    precision: Precision = field(default="auto", metadata={"option": "--precision"})
+    roi: RoiMode = field(default="auto", metadata={"option": "--roi"})
     overlap: float = 0.5
     tta: bool = False
     largest_component: bool = True
@@ -74,8 +81,28 @@ class PredictOptions:
             raise SatsError("--device cuda asked for, but no CUDA device is available")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16); Linux flags."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> bf16 on CPUs with native bf16 (a window 1.9x faster on AVX512-BF16),
+    else fp32 (also on CUDA, where bf16 prediction measured slower); others unchanged."""
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast where asked for, a no-op for fp32."""
+    """bf16 autocast where asked for, a no-op for fp32 (``auto`` is resolved first)."""
+    precision = resolve_precision(precision, device)
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if precision != "fp32":
@@ -152,6 +179,7 @@ class LoadedRun:
 
     model: SATsNet
     config: RunConfig
+    localiser: Localiser | None = None
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -173,19 +201,7 @@ class LoadedRun:
 def load_run(run: Path, device: torch.device | str = "cpu") -> LoadedRun:
     """Load a RUN folder's configuration and ``model.pt`` (weights only, never pickles)."""
     opened = Run.open(run)
-    return LoadedRun(opened.load_model(device), opened.config)
-
-
-def check_ct(volume: Volume, name: str) -> None:
-    """Refuse images that are not 3D CT in HU (a clear message rather than a silent bad mask);
-    the rule is :func:`sats.dataset.ct_intensity_warning`'s."""
-    from sats.dataset import ct_intensity_warning
-
-    if min(volume.shape) < 2:
-        raise SatsError(f"{name}: a 3D CT is needed, got size {volume.shape[::-1]} (x, y, z)")
-    problem = ct_intensity_warning(float(volume.array.min()), float(volume.array.max()))
-    if problem:
-        raise SatsError(f"{name}: {problem}")
+    return LoadedRun(opened.load_model(device), opened.config, load_localiser(opened.localiser_file, device))
 
 
 @dataclass
@@ -229,31 +245,71 @@ def predict_case(
     pre: Preprocessed | None = None,
     options: PredictOptions | None = None,
     on_window: Callable[[], None] | None = None,
+    region: Roi | None = None,
     **overrides,
 ) -> Prediction:
     """Predict one CT (HU, any grid); the outputs share the CT's exact geometry.
 
     ``options`` (default :class:`PredictOptions`), with any of its fields overridden by
-    keyword, e.g. ``predict_case(run, ct, precision="bf16")``. The largest-component rule
-    keeps one region: a primary GTV is one mass, and stray islands far from it dominate HD95.
+    keyword, e.g. ``predict_case(run, ct, precision="bf16")``. ``region`` (default: found
+    by :func:`roi_for`, or the whole grid with ``roi="whole"``) limits the windows. The
+    largest-component rule keeps one region: a primary GTV is one mass, and stray islands
+    far from it dominate HD95.
     """
     t0 = time.time()
     opt = replace(options or PredictOptions(), **overrides)
     if opt.asymmetry_map and not run.has_head:
         raise SatsError("--asymmetry-map needs a model trained with the projection head")
     pre = pre or preprocess_for(run, ct)
+    roi = region or roi_for(run, ct, pre, opt)
     model = run.model
     prob, asym = sliding_window_probabilities(
-        model.encoder_decoder, pre.image, run.patch_size, overlap=opt.overlap, device=opt.device, precision=opt.precision,
-        tta=opt.tta, head=model.head if opt.asymmetry_map else None, on_window=on_window,
+        model.encoder_decoder, pre.image[roi.slices], run.patch_size, overlap=opt.overlap, device=opt.device,
+        precision=opt.precision, tta=opt.tta, head=model.head if opt.asymmetry_map else None, on_window=on_window,
     )
-    prob_native = resample_to(pre.grid.with_array(prob), ct, order=1, default=0.0)
+    # Outside the ROI every map is 0: resample only the part of the input grid it covers.
+    box = native_box(roi, pre.grid, ct)
+    sub = sub_volume(ct, box)
+    roi_grid = sub_volume(pre.grid, roi.slices)
+    prob_native = paste(ct, box, resample_to(roi_grid.with_array(prob), sub, order=1, default=0.0).array)
     binary = prob_native.array >= 0.5
     if opt.largest_component:
         binary = keep_largest_component(binary)
     mask = ct.with_array(binary.astype(np.uint8))
-    asym_native = resample_to(pre.grid.with_array(asym), ct, order=1, default=0.0) if asym is not None else None
+    asym_native = paste(ct, box, resample_to(roi_grid.with_array(asym), sub, order=1, default=0.0).array) if asym is not None else None
     return Prediction(mask, prob_native, asym_native, time.time() - t0)
+
+
+def native_box(roi: Roi, grid: Volume, ct: Volume) -> tuple[slice, slice, slice]:
+    """The input grid's voxels (z, y, x slices) that the ROI on ``grid`` covers, one voxel wider."""
+    corners = np.array([[a, b, c] for a in (roi.start[0] - 1, roi.stop[0]) for b in (roi.start[1] - 1, roi.stop[1])
+                        for c in (roi.start[2] - 1, roi.stop[2])], float)
+    idx = ct.physical_to_index(grid.index_to_physical(corners))
+    lo = np.clip(np.floor(idx.min(axis=0)).astype(int) - 1, 0, ct.shape)
+    hi = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 2, 0, ct.shape)
+    hi = np.maximum(hi, lo + 1) if np.all(lo < ct.shape) else hi
+    return tuple(slice(int(a), int(max(b, a))) for a, b in zip(lo, hi))  # type: ignore[return-value]
+
+
+def sub_volume(volume: Volume, box: tuple[slice, ...]) -> Volume:
+    """The part ``box`` (z, y, x slices) of ``volume`` with its own origin, same axes."""
+    start = np.array([s.start for s in box], float)
+    return Volume(volume.array[box], volume.spacing, tuple(volume.index_to_physical(start)), volume.direction.copy())
+
+
+def paste(ct: Volume, box: tuple[slice, ...], values: np.ndarray) -> Volume:
+    """A float32 map on ``ct``'s grid: ``values`` inside ``box``, 0 elsewhere."""
+    out = np.zeros(ct.shape, np.float32)
+    out[box] = values
+    return ct.with_array(out)
+
+
+def roi_for(run: LoadedRun, ct: Volume, pre: Preprocessed, options: PredictOptions) -> Roi:
+    """The region the network runs over: :func:`sats.roi.find_roi`, or the whole grid for
+    ``roi="whole"``."""
+    if options.roi == "whole":
+        return whole_roi(pre.image.shape)
+    return find_roi(ct, pre, run.patch_size, run.localiser)
 
 
 def prefetch(items: list, load: Callable, workers: int = 1) -> Iterator[tuple[object, Future]]:
@@ -268,37 +324,6 @@ def prefetch(items: list, load: Callable, workers: int = 1) -> Iterator[tuple[ob
 
 
 # --- files and folders ----------------------------------------------------------------------
-
-
-def _has_dicom(folder: Path) -> bool:
-    for f in folder.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                head = fh.read(132)
-            if head[128:132] == b"DICM" or f.suffix.lower() == ".dcm":
-                return True
-    return False
-
-
-def collect_inputs(path: Path) -> tuple[list[tuple[str, Path]], bool]:
-    """``([(case_id, path), ...], single)`` for an image file, a DICOM series folder, or a
-    folder of image files and/or DICOM series sub-folders."""
-    path = Path(path)
-    if not path.exists():
-        raise SatsError(f"{path}: no such file or folder")
-    if path.is_file():
-        return [(case_id(path), path)], True
-    if _has_dicom(path):
-        return [(case_id(path), path)], True
-    items = [(case_id(f), f) for f in sorted(path.iterdir()) if is_image_file(f) and not f.name.startswith(".")]
-    items += [(case_id(d), d) for d in sorted(path.iterdir()) if d.is_dir() and _has_dicom(d)]
-    if not items:
-        raise SatsError(f"{path}: no images (.nii.gz, .nii, .nrrd, .mha) or DICOM series found")
-    ids = [c for c, _ in items]
-    dupes = sorted({c for c in ids if ids.count(c) > 1})
-    if dupes:
-        raise SatsError(f"{path}: several inputs share the case id {dupes[0]}")
-    return items, False
 
 
 def output_paths(output: Path, case_id: str, single: bool, fmt: str = "nifti") -> dict[str, Path]:
@@ -357,9 +382,10 @@ def predict_paths(
         except OSError as exc:
             raise SatsError(f"{output}: cannot create output folder ({exc.strerror})") from None
 
-    def load(item: tuple[str, Path]) -> tuple[Volume, Preprocessed]:
+    def load(item: tuple[str, Path]) -> tuple[Volume, Preprocessed, Roi]:
         with about(item[1]):
-            return read_and_preprocess(run, item[1], opt)
+            ct, pre = read_and_preprocess(run, item[1], opt)
+            return ct, pre, roi_for(run, ct, pre, opt)
 
     done = failed = 0
     with progress_bar(console) as progress:
@@ -367,9 +393,9 @@ def predict_paths(
         for (cid, path), future in prefetch(items, load):
             try:
                 with about(path):
-                    ct, pre = future.result()
-                    windows = progress.add_task(f"  {cid}", total=count_windows(pre.image.shape, run.patch_size, opt.overlap))
-                    pred = predict_case(run, ct, pre, opt, on_window=lambda: progress.advance(windows))
+                    ct, pre, roi = future.result()
+                    windows = progress.add_task(f"  {cid}", total=count_windows(roi.shape, run.patch_size, opt.overlap))
+                    pred = predict_case(run, ct, pre, opt, on_window=lambda: progress.advance(windows), region=roi)
                     progress.remove_task(windows)
                 paths = output_paths(output, cid, single, opt.fmt)
                 note = write_outputs(pred, path, paths, cid, opt)
@@ -400,21 +426,25 @@ def check_outputs(input_path: Path, output: Path, items: list[tuple[str, Path]],
 
 def read_and_preprocess(run: LoadedRun, path: Path, opt: PredictOptions) -> tuple[Volume, Preprocessed]:
     """Read one input (image file or DICOM series folder), check it is CT, preprocess it."""
-    from sats.dicom import read_dicom_series
-
     if opt.fmt != "nifti" and not path.is_dir():
         raise SatsError(f"--format {opt.fmt} needs a DICOM CT series folder as input (the output references its slices)")
-    ct = read_dicom_series(path, opt.series_uid) if path.is_dir() else read_image(path)
+    if path.is_dir():
+        from sats.dicom import read_dicom_series  # pydicom only where DICOM is read
+
+        ct = read_dicom_series(path, opt.series_uid)
+    else:
+        ct = read_image(path)
     check_ct(ct, str(path))
     return ct, preprocess_for(run, ct)
 
 
 def write_outputs(pred: Prediction, source: Path, paths: dict[str, Path], name: str, opt: PredictOptions) -> str:
     """Write the mask (image, RTSTRUCT or SEG) and the optional maps; returns a note for the log."""
-    from sats.export import write_rtstruct, write_seg
     from sats.io import write_image
 
     note = ""
+    if opt.fmt != "nifti":
+        from sats.export import write_rtstruct, write_seg  # pydicom only where DICOM is written
     if opt.fmt == "rtstruct":
         if not write_rtstruct(pred.mask, source, paths["mask"], series_uid=opt.series_uid, mask_name=name):
             note = " (empty: the RTSTRUCT holds the ROI without contours)"

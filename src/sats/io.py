@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from sats.volume import SatsError, Volume, from_sitk, itk_reason, to_sitk
 
-__all__ = ["SatsError", "Volume", "atomic_path", "from_sitk", "read_image", "to_sitk", "write_image", "write_text_atomic"]
+__all__ = ["SatsError", "Volume", "atomic_path", "collect_inputs", "from_sitk", "read_image", "to_sitk", "write_image", "write_text_atomic"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -346,3 +346,34 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def _has_dicom(folder: Path) -> bool:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                head = fh.read(132)
+            if head[128:132] == b"DICM" or f.suffix.lower() == ".dcm":
+                return True
+    return False
+
+
+def collect_inputs(path: Path) -> tuple[list[tuple[str, Path]], bool]:
+    """``([(case_id, path), ...], single)`` for an image file, a DICOM series folder, or a
+    folder of image files and/or DICOM series sub-folders."""
+    path = Path(path)
+    if not path.exists():
+        raise SatsError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [(case_id(path), path)], True
+    if _has_dicom(path):
+        return [(case_id(path), path)], True
+    items = [(case_id(f), f) for f in sorted(path.iterdir()) if is_image_file(f) and not f.name.startswith(".")]
+    items += [(case_id(d), d) for d in sorted(path.iterdir()) if d.is_dir() and _has_dicom(d)]
+    if not items:
+        raise SatsError(f"{path}: no images (.nii.gz, .nii, .nrrd, .mha) or DICOM series found")
+    ids = [c for c, _ in items]
+    dupes = sorted({c for c in ids if ids.count(c) > 1})
+    if dupes:
+        raise SatsError(f"{path}: several inputs share the case id {dupes[0]}")
+    return items, False

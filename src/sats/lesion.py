@@ -691,7 +691,7 @@ def background_pools(background: Path) -> tuple[list[Path], list[Path] | None]:
     """(training pool, test pool) of background CTs. A dataset's ``imagesTr`` and
     ``imagesTs`` stay apart (test cases come from its test split); a plain folder of CTs
     is one pool (test pool None)."""
-    from sats.inference import collect_inputs
+    from sats.io import collect_inputs
 
     background = Path(background)
     if not background.is_dir():
@@ -727,7 +727,7 @@ def _insert_job(job: tuple[Path, int, LesionConfig]) -> tuple[str, InsertedLesio
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one process per core instead
     try:
         ct = read_image(path)
-        from sats.inference import check_ct
+        from sats.dataset import check_ct
 
         check_ct(ct, path.name)
         return path.name, insert_lesion(ct, config, _source_rng(seed, path.name))

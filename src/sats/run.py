@@ -5,6 +5,7 @@ A RUN folder holds::
     config.json     RunConfig: the TrainConfig, network plan, grid spacing (z, y, x) mm,
                     intensity normalisation, dataset, labels and the train/validation split
     model.pt        final weights {"format", "model"}
+    localiser.pt    the ROI localiser (sats.roi) {"format", "channels", "model"}
     checkpoint.pt   the last finished epoch: weights, optimiser, history, RNG state
     log.csv         one row per epoch (LOG_COLUMNS); curves.png draws it
     .lock           held (fcntl) while `sats train` writes into the folder
@@ -98,6 +99,10 @@ class Run:
     @property
     def model_file(self) -> Path:
         return self.path / "model.pt"
+
+    @property
+    def localiser_file(self) -> Path:
+        return self.path / "localiser.pt"
 
     @property
     def checkpoint_file(self) -> Path:

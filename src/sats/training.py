@@ -232,10 +232,11 @@ def validate(model: SATsNet, cases: list[CaseArrays], cfg: TrainConfig, device: 
     return float(np.mean(dices))
 
 
-def stage_optimizer(model: SATsNet, cfg: TrainConfig, stage: str) -> torch.optim.Optimizer:
+def stage_optimizer(model: SATsNet, cfg: TrainConfig, stage: str, fused: bool | None = None) -> torch.optim.Optimizer:
     """Stage "1": the encoder-decoder at ``lr``. Stage "2": the head at ``lr``, the
     encoder-decoder at ``stage2_backbone_lr``. "joint": both at ``lr``. The head is
-    trained only where the margin loss is on; parameters outside the stage are frozen."""
+    trained only where the margin loss is on; parameters outside the stage are frozen.
+    ``fused`` (default: on CUDA) updates all parameters in one kernel."""
     backbone = list(model.encoder_decoder.parameters())
     head = list(model.head.parameters()) if model.head is not None else []
     train_head = stage in ("2", "joint") and cfg.margin_loss and bool(head)
@@ -246,10 +247,11 @@ def stage_optimizer(model: SATsNet, cfg: TrainConfig, stage: str) -> torch.optim
         groups.append({"params": head, "lr": cfg.lr, "name": "head"})
     for g in groups:
         g["initial_lr"] = g["lr"]
+    fused = {"fused": True} if (backbone[0].is_cuda if fused is None else fused) else {}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay, **fused)
     raise SatsError(f"optimizer must be sgd or adamw, not {cfg.optimizer!r}")
 
 
@@ -270,15 +272,18 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     seg_loss: SegmentationLoss,
     use_amp: bool = False,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """One optimiser step on a batch: CT patches ``x`` and labels ``s``, (B, 1, D, H, W).
 
     Siamese: Dice + BCE on both branches (the mirror's label is the mirrored label), plus
     ``beta`` times the margin loss where the stage has it. Not siamese (the U-Net
     baseline): Dice + BCE on the CT alone. Gradients are clipped to ``cfg.grad_clip``.
-    Returns the loss terms as floats.
+    Returns the loss terms as detached 0-d tensors on the device (reading them waits for
+    the GPU, so the caller does that only now and then).
     """
     model = net.module if isinstance(net, DistributedDataParallel) else net
+    if use_amp and x.is_cuda:  # channels-last 3D: cuDNN's fast bf16 convolutions
+        x, s = x.contiguous(memory_format=torch.channels_last_3d), s.contiguous(memory_format=torch.channels_last_3d)
     with_margin = stage in ("2", "joint") and cfg.margin_loss
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
         if cfg.siamese:
@@ -297,10 +302,25 @@ def train_step(
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
-    out = {k: float(v.detach()) for k, v in terms.items()}
-    out["loss"] = float(loss.detach())
-    out.setdefault("margin", 0.0)
+    out = {k: v.detach() for k, v in terms.items()}
+    out["loss"] = loss.detach()
+    out.setdefault("margin", torch.zeros((), device=loss.device))
     return out
+
+
+def prepare_model(model: SATsNet, device: torch.device, amp: bool, compile: bool = False) -> SATsNet:
+    """Move the model to ``device``. On CUDA: cuDNN picks its fastest kernels for the fixed
+    patch size; with bf16, channels-last 3D (+34 % on an H200; slower in fp32, which keeps
+    the default layout); with ``compile``, the encoder-decoder is compiled in place
+    (``nn.Module.compile``: the state dict keeps its keys), 2.1x the steps/s again."""
+    model = model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if amp:
+            model = model.to(memory_format=torch.channels_last_3d)
+        if compile:
+            model.encoder_decoder.compile()
+    return model
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -387,6 +407,7 @@ def train(
         if env.rank == 0 and last == final:
             run.save_model(model)
             run.plot_curves(state.history)
+            train_localiser(run, cases, cfg, env)
     result = _result(state.history, seconds, model)
     env.say.print(f"[bold green]done[/]: {result.epochs} epochs, this call {seconds / 60:.1f} min; validation Dice last "
                   f"{result.last_val_dice:.4f}, best {result.best_val_dice:.4f}; weights in {run.model_file}")
@@ -466,7 +487,7 @@ def start_run(dataset: Path, out: Path, cfg: TrainConfig, cases: Cases, env: Set
                        [c.case_id for c in cases.train], [c.case_id for c in cases.val])
     run = Run.create(out, config) if env.rank == 0 else Run(out, config)
     torch.manual_seed(cfg.seed)
-    model = run.build_model().to(env.device)
+    model = prepare_model(run.build_model(), env.device, cfg.amp, cfg.compile)
     env.say.print(
         f"[bold]sats train[/] {dataset} -> {out}  preset {cfg.preset}, patch {cfg.patch_size}, spacing "
         f"{tuple(round(s, 3) for s in cases.spacing)} mm, {count_parameters(model.encoder_decoder):,} parameters, "
@@ -505,9 +526,9 @@ def run_epoch(model: SATsNet, state: LoopState, cases: Cases, cfg: TrainConfig, 
     for g in state.optimizer.param_groups:
         g["lr"] = poly_lr(g["initial_lr"], e0, n_ep, cfg.poly_exponent)
     loader = torch.utils.data.DataLoader(PatchStream(cases.train, cfg, epoch, env.rank), batch_size=cfg.batch_size,
-                                         num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda")
+                                         num_workers=loader_workers(cfg, env.device), pin_memory=env.device.type == "cuda")
     seg_loss, shown = SegmentationLoss(), ("loss", "dice", "ce", "margin") if st in ("2", "joint") and cfg.margin_loss else ("loss", "dice", "ce")
-    sums = dict.fromkeys(("loss", "dice", "ce", "margin"), 0.0)
+    sums = {k: torch.zeros((), device=env.device) for k in ("loss", "dice", "ce", "margin")}
     t0 = time.time()
     model.train()
     with progress_bar(env.say, info=True) as progress:
@@ -517,12 +538,25 @@ def run_epoch(model: SATsNet, state: LoopState, cases: Cases, cfg: TrainConfig, 
             terms = train_step(state.net, x, s, cfg, st, state.optimizer, seg_loss, cfg.amp and env.device.type == "cuda")
             for k in sums:
                 sums[k] += terms[k]
-            progress.update(task, advance=1, info=" ".join(f"{k} {sums[k] / it:.3f}" for k in shown))
+            # Reading the losses waits for the GPU: only every 10 steps.
+            info = " ".join(f"{k} {float(sums[k]) / it:.3f}" for k in shown) if it % 10 == 0 or it == cfg.iters_per_epoch else None
+            progress.update(task, advance=1, **({"info": info} if info else {}))
     groups = state.optimizer.param_groups
     row = {"epoch": epoch + 1, "stage": st, "lr": groups[0]["lr"], "lr_head": groups[1]["lr"] if len(groups) > 1 else 0.0}
-    row.update({k: v / cfg.iters_per_epoch for k, v in sums.items()})
+    row.update({k: float(v) / cfg.iters_per_epoch for k, v in sums.items()})
     row["seconds"] = time.time() - t0
     return row
+
+
+def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """Patch-loader processes: ``cfg.num_workers``, or for -1 (auto) up to 8 on CUDA with a
+    core left for the main process (with none the GPU waits on augmentation: about 2
+    against 3.7 it/s measured on an H200) and none on CPU, where the cores train."""
+    if cfg.num_workers >= 0:
+        return cfg.num_workers
+    if device.type != "cuda":
+        return 0
+    return max(0, min(8, len(os.sched_getaffinity(0)) - 1))
 
 
 def end_of_epoch(run: Run, model: SATsNet, state: LoopState, row: dict, cases: Cases, cfg: TrainConfig,
@@ -534,6 +568,10 @@ def end_of_epoch(run: Run, model: SATsNet, state: LoopState, row: dict, cases: C
     state.history.append(row)
     if env.rank == 0:
         env.say.print(f"  epoch {epoch + 1}: loss {row['loss']:.4f}  val Dice {row['val_dice']:.4f}  ({row['seconds']:.1f} s)")
+        if epoch == state.first and last > epoch + 1:
+            left = (cfg.total_epochs - epoch - 1) * row["seconds"]
+            env.say.print(f"  projected: {left / 3600:.1f} h for the {cfg.total_epochs - epoch - 1} epochs left of the schedule "
+                          f"({cfg.total_epochs} x {cfg.iters_per_epoch} iterations) at this epoch's speed")
         e0, n_ep = stage_epochs(cfg, epoch)
         assert state.optimizer is not None
         run.save_checkpoint({
@@ -544,6 +582,21 @@ def end_of_epoch(run: Run, model: SATsNet, state: LoopState, row: dict, cases: C
         run.write_log(state.history)
     if env.distributed:
         dist.barrier()
+
+
+def train_localiser(run: Run, cases: Cases, cfg: TrainConfig, env: Setup) -> None:
+    """Fit the ROI localiser (:mod:`sats.roi`) on every labelled case of the run, once."""
+    from sats.roi import fit_localiser, save_localiser
+
+    if run.localiser_file.exists() or cfg.localiser_iters == 0:
+        return
+    t0 = time.time()
+    # Never longer than the network itself trained (a short test run stays short).
+    iterations = min(cfg.localiser_iters, cfg.total_epochs * cfg.iters_per_epoch)
+    localiser = fit_localiser(cases.train + cases.val, cases.spacing, seed=cfg.seed, iterations=iterations,
+                              device=env.device)
+    save_localiser(localiser, run.localiser_file)
+    env.say.print(f"ROI localiser trained in {time.time() - t0:.0f} s -> {run.localiser_file}")
 
 
 def _result(history: list[dict], seconds: float, model: SATsNet) -> TrainResult:

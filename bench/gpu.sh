@@ -1,0 +1,36 @@
+#!/bin/bash
+# GPU checks for issue 12, one prepared script (under 8 minutes on an H100/H200):
+#   1. paper-preset training steps: before (--plain) and now, fp32 and bf16, and compiled bf16;
+#   2. a short real `sats train --preset paper` on phantoms (prints the projected schedule);
+#   3. `sats predict --device cuda` on a 512 x 512 x 150 phantom, both precisions.
+#   RESULTS=/tmp/gpu bash bench/gpu.sh
+# Expects monai and SimpleITK importable (on a bare GPU image: carried wheels on PYTHONPATH).
+set -u
+RESULTS=${RESULTS:-${OUT:-/tmp/sats_gpu}}; WORK=${WORK:-/tmp/sats_gpu_work}
+mkdir -p "$RESULTS" "$WORK"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD/src
+log() { tee -a "$RESULTS/gpu.txt"; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | log
+python3 -c "import torch; print('torch', torch.__version__)" | log
+step() { echo "== $*" | log; }
+
+step "1. train speed, paper preset (synthetic batches)"
+for flags in "--plain" "--plain --amp" "" "--amp"; do
+  timeout 120 python3 bench/train_speed.py --preset paper --device cuda --iters 15 --warmup 5 $flags 2>&1 | grep -v Warning | log
+done
+timeout 150 python3 bench/train_speed.py --preset paper --device cuda --iters 15 --warmup 8 --amp --compile 2>&1 | grep -v -i warn | tail -4 | log
+
+step "2. sats train --preset paper, 2 epochs x 40 iterations on 10 phantoms"
+python3 -m sats phantom "$WORK/data" --cases 10 --test-cases 2 --seed 0 > /dev/null 2>&1
+( time timeout 150 python3 -m sats train "$WORK/data" --out "$WORK/run" --preset paper --epochs 2 --iters-per-epoch 40 --fold 0 --device cuda ) 2>&1 \
+  | tr '\r' '\n' | grep -E "epoch [0-9]+:|projected|done|real|rror" | log
+
+step "3. sats predict --device cuda, 512 x 512 x 150 phantom"
+python3 bench/make_big_ct.py "$WORK/big/big_0000.nii.gz" > /dev/null
+for p in fp32 bf16; do
+  for i in 1 2; do
+    ( time python3 -m sats predict -i "$WORK/big/big_0000.nii.gz" -o "$WORK/pred_$p.nii.gz" -m "$WORK/run" --device cuda --precision $p ) 2>&1 \
+      | grep -E "ml GTV|real|rror" | sed "s/^/$p run $i: /" | log
+  done
+done
+true
