@@ -420,9 +420,28 @@ def train(
 # --- the steps of train() ---------------------------------------------------------------------
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to serve allocations under 32 MiB from its heap and to keep freed memory
+    (up to 1 GiB) instead of returning it to the kernel after every step: each training
+    step frees and re-allocates the same activation buffers, and handing them back costs
+    page faults (cpu preset, 2 cores: 5.2 M -> 3.2 M minor faults, system time 12 -> 7 s
+    over 20 steps). Returns False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def setup(device: str | None, console: Console | None) -> Setup:
     """Pick the device, join the process group under torchrun, and the console of rank 0."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu":
+        keep_freed_memory()
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SatsError("--device cuda asked for, but no CUDA device is available")
     distributed = _setup_distributed(dev)
