@@ -265,13 +265,13 @@ def landmark_box(ct: Volume, pre: Preprocessed) -> tuple[np.ndarray, np.ndarray,
     start = np.array([0.0, 0.0, (extent[2] - (n[2] - 1) * WORK_SPACING[2]) / 2])  # centred in x: symmetric
     origin = grid.index_to_physical(start / np.array(grid.spacing))
     frame = Volume(np.zeros(tuple(n), np.uint8), WORK_SPACING, tuple(origin), grid.direction)
-    origin_q = grid.direction.T @ (np.asarray(origin) - pre.plane.point)
-    head = Volume(resample_to(ct, frame, order=1, default=-1024.0).array, WORK_SPACING, tuple(origin_q), np.eye(3))
+    head_origin_q = grid.direction.T @ (np.asarray(origin) - pre.plane.point)
+    head = Volume(resample_to(ct, frame, order=1, default=-1024.0).array, WORK_SPACING, tuple(head_origin_q), np.eye(3))
     # Head-frame mm (x, y, z) -> grid mm (z, y, x) from the symmetric grid's voxel [0, 0, 0].
-    origin_q = grid.direction.T @ (np.asarray(grid.origin) - pre.plane.point)
+    grid_origin_q = grid.direction.T @ (np.asarray(grid.origin) - pre.plane.point)
 
     def to_grid(q: np.ndarray) -> np.ndarray:
-        return (np.asarray(q, float) - origin_q)[::-1]
+        return (np.asarray(q, float) - grid_origin_q)[::-1]
 
     try:
         npx = find_nasopharynx(head)
