@@ -222,7 +222,6 @@ def _no_channel_suffix(root: Path) -> Path:
 @pytest.mark.parametrize(
     "breakage, words",
     [
-        (_missing_label, "no label"),
         (_orphan_label, "label without an image"),
         (_missing_ts_label, "no label"),
         (_spacing, "spacing"),
@@ -246,6 +245,17 @@ def test_each_breakage_is_one_problem_naming_the_file(data: Path, breakage, word
     assert report.problems[0].startswith(f"{path}: "), report.problems
     assert words in report.problems[0]
     assert "\n" not in report.problems[0]
+
+
+def test_training_image_without_label_is_an_unlabelled_ct(data: Path) -> None:
+    _missing_label(data)
+    report = check_dataset(data)
+    assert report.ok, report.problems
+    assert report.unlabelled == ["case_001"]
+    for f in (data / "labelsTr").iterdir():
+        f.unlink()
+    report = check_dataset(data)
+    assert not report.ok and "no training image has a label" in report.problems[0]
 
 
 def test_all_problems_are_reported_in_one_run(data: Path) -> None:

@@ -59,11 +59,11 @@ def test_patches_are_centred_on_the_plane_so_the_mirror_is_exact() -> None:
     case = CaseArrays("c", image, np.zeros(image.shape, np.uint8), np.zeros((0, 3), int))
     no_aug = AugmentConfig(enabled=False)
     for _ in range(5):
-        patch, _ = sample_patch(case, (8, 16, 16), rng, False, no_aug)
+        patch, _, _ = sample_patch(case, (8, 16, 16), rng, False, no_aug)
         np.testing.assert_array_equal(patch, mirror_lr(patch))
     spatial = AugmentConfig(p_scale=1.0, p_rotate=1.0, p_flip=0.0, p_noise=0, p_brightness=0, p_contrast=0, p_gamma=0)
     for _ in range(5):
-        patch, _ = sample_patch(case, (8, 16, 16), rng, False, spatial)
+        patch, _, _ = sample_patch(case, (8, 16, 16), rng, False, spatial)
         np.testing.assert_allclose(patch, mirror_lr(patch), atol=1e-5)
 
 

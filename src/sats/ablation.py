@@ -46,7 +46,13 @@ VARIANTS: dict[str, dict] = {
     "margin-no-head": {"projection_head": False, "margin_loss": True},  # row 2
     "sats": {},  # row 3: the paper's method
     "sats-joint": {"schedule": "joint"},  # head and margin loss from the first epoch, one stage
+    # Beyond the paper (sats.asymmetry): the margin loss's region from registration to the
+    # mirror instead of the label; and the labelled cases plus unlabelled CTs (--unlabelled).
+    "sats-unsup": {"asym_region": "unsupervised"},
+    "sats-semi": {},
 }
+#: The study's default: the paper's Table 3 and the two baselines.
+PAPER_VARIANTS = ("unet", "siamese", "margin-no-head", "sats", "sats-joint")
 BASELINES = ("unet", "siamese")
 METRICS = ("dsc", "hd95", "asd", "nsd")
 PAIRED = ("dsc", "hd95", "nsd")
@@ -59,7 +65,7 @@ class AblationSettings:
 
     dataset: str
     preset: str = "cpu"
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(PAPER_VARIANTS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     fold: str = "0"
     epochs: int | None = None
@@ -67,6 +73,7 @@ class AblationSettings:
     spacing: list[float] | None = None
     patch_size: list[int] | None = None
     align: bool = True
+    unlabelled: str | None = None  # unlabelled CTs for sats-semi
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -74,6 +81,8 @@ class AblationSettings:
             raise SatsError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
         if not self.variants or not self.seeds:
             raise SatsError("an ablation needs at least one variant and one seed")
+        if "sats-semi" in self.variants and not self.unlabelled:
+            raise SatsError("the sats-semi variant needs --unlabelled DIR (unlabelled CTs)")
 
 
 def variant_config(settings: AblationSettings, variant: str, seed: int):
@@ -94,6 +103,8 @@ def variant_config(settings: AblationSettings, variant: str, seed: int):
     cfg.align = settings.align
     for key, value in VARIANTS[variant].items():
         setattr(cfg, key, value)
+    if variant == "sats-semi":
+        cfg.unlabelled = settings.unlabelled
     cfg.__post_init__()
     return cfg
 

@@ -182,7 +182,9 @@ def train(
     patch_size: Optional[tuple[int, int, int]] = typer.Option(None, "--patch-size", help="Patch D H W voxels."),
     no_projection_head: bool = typer.Option(False, "--no-projection-head", help="Ablation: margin loss on the decoder features."),
     no_margin: bool = typer.Option(False, "--no-margin", help="Ablation: no margin loss (stage 2 fine-tunes Dice + BCE only)."),
-    asym_region: str = typer.Option("paper", "--asym-region", help="paper (Eq. 1: s - s∩s') or union (s XOR s')."),
+    asym_region: str = typer.Option("paper", "--asym-region", help="paper (Eq. 1: s - s∩s'), union (s XOR s') or unsupervised (m_unsup from registration to the mirror, no label needed)."),
+    unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Folder of unlabelled CTs (images or DICOM series) for the margin loss; imagesTr entries without a label join them."),
+    unlabelled_fraction: Optional[float] = typer.Option(None, "--unlabelled-fraction", min=0.0, max=0.99, help="Share of each batch from unlabelled CTs in the margin-loss stages (default 0.5)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the margin loss."),
     margin: Optional[float] = typer.Option(None, "--margin", help="Margin t of the hinge."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
@@ -211,6 +213,12 @@ def train(
     cfg.align = not no_align
     cfg.atlas = str(atlas.resolve()) if atlas else None
     cfg.compile = compile_net
+    if unlabelled is not None:
+        if not unlabelled.is_dir():
+            raise SatsError(f"{unlabelled}: --unlabelled needs a folder of CTs")
+        cfg.unlabelled = str(unlabelled.resolve())
+    if unlabelled_fraction is not None:
+        cfg.unlabelled_fraction = unlabelled_fraction
     for name, value in (("beta", beta), ("margin", margin), ("batch_size", batch_size), ("num_workers", workers)):
         if value is not None:
             setattr(cfg, name, value)
@@ -251,15 +259,18 @@ def ablation(
     patch_size: Optional[tuple[int, int, int]] = typer.Option(None, "--patch-size", help="Patch D H W voxels."),
     no_align: bool = typer.Option(False, "--no-align", help="Skip the mid-sagittal alignment (mirror about the grid centre)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled CTs for the sats-semi variant."),
 ) -> None:
-    """Train, predict and evaluate each variant x seed; paired statistics against unet and siamese."""
+    """Train, predict and evaluate each variant x seed; paired statistics against unet and siamese.
+    Variants: unet, siamese, margin-no-head, sats, sats-joint (the default set), and sats-unsup
+    (margin-loss region from registration, no label), sats-semi (plus --unlabelled CTs)."""
     from sats.ablation import AblationSettings, run_ablation
 
     settings = AblationSettings(
         dataset=str(dataset.resolve()), preset=preset_name, variants=[v.strip() for v in variants.split(",") if v.strip()],
         seeds=_int_list(seeds, "--seeds"), fold=fold, epochs=epochs, iters_per_epoch=iters_per_epoch,
         spacing=list(spacing) if spacing else None, patch_size=list(patch_size) if patch_size else None,
-        align=not no_align,
+        align=not no_align, unlabelled=str(unlabelled.resolve()) if unlabelled else None,
     )
     run_ablation(settings, out, console=console, device=device)
     console.print(f"[bold green]done[/]: {out / 'summary.md'}, {out / 'cases.csv'}, {out / 'ablation.png'}")
@@ -350,6 +361,29 @@ def align(
         f"plane normal ({n[0]:.4f}, {n[1]:.4f}, {n[2]:.4f}), point ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) mm LPS; "
         f"symmetry {result.score_before:.3f} before, {result.score_after:.3f} after; {result.seconds:.1f} s -> {output}"
     )
+
+
+@app.command()
+@user_errors
+def asymmetry(
+    input_path: Path = typer.Option(..., "--input", "-i", help="CT image file or DICOM series folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="m_unsup (0/1 image) on the CT's grid."),
+    score: Optional[Path] = typer.Option(None, "--score", help="Also write the soft asymmetry score (float image) here."),
+    spacing: tuple[float, float, float] = typer.Option((2.0, 2.0, 2.0), "--spacing", help="Grid (z y x mm) on which the CT is registered to its mirror."),
+) -> None:
+    """Where a CT differs from its own mirror, without a label (paper Sec. 3.1, registration-based)."""
+    from sats.asymmetry import asymmetry_on_input_grid
+    from sats.dataset import check_ct
+    from sats.io import read_image, write_image
+
+    ct = read_image(input_path)
+    check_ct(ct, str(input_path))
+    mask, soft, seconds = asymmetry_on_input_grid(ct, spacing)
+    write_image(mask, output)
+    if score is not None:
+        write_image(soft, score)
+    ml = float(mask.array.sum()) * mask.voxel_volume_ml
+    console.print(f"asymmetric region {ml:.1f} ml ({seconds:.1f} s) -> {output}" + (f", score -> {score}" if score else ""))
 
 
 @app.command("make-atlas")

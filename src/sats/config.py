@@ -67,7 +67,13 @@ class TrainConfig:
     # The paper gives no beta. 0.1 keeps the margin term (about 16-20 for asymmetric
     # voxels, 0-4 for symmetric ones) on the scale of Dice + BCE.
     beta: float = 0.1
-    asym_region: AsymRegion = field(default="paper", metadata={"option": "--asym-region"})  # "paper" (Eq. 1: s - s∩s') or "union" (s XOR s')
+    # "paper" (Eq. 1: s - s∩s'), "union" (s XOR s') or "unsupervised" (m_unsup, sats.asymmetry)
+    asym_region: AsymRegion = field(default="paper", metadata={"option": "--asym-region"})
+    # Unlabelled CTs (a folder; imagesTr entries without a label join them): in the stages
+    # with the margin loss, this share of every batch is unlabelled patches, which add only
+    # the margin loss with m_unsup. At least one patch of a batch stays labelled.
+    unlabelled: str | None = None
+    unlabelled_fraction: float = 0.5
     foreground_fraction: float = 1 / 3
     augment: bool = True
     folds: int = 5
@@ -95,6 +101,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate_options(self)
+        if not 0.0 <= self.unlabelled_fraction < 1.0:
+            raise SatsError(f"unlabelled_fraction must be in [0, 1), not {self.unlabelled_fraction}")
         if self.margin_loss and not self.siamese:
             raise SatsError("the margin loss compares the two branches: it needs siamese=True")
         if self.fold != "all" and (not isinstance(self.fold, int) or not 0 <= self.fold < self.folds):

@@ -70,6 +70,7 @@ class CaseRow:
     hu_max: float | None = None
     n_problems: int = 0
     n_warnings: int = 0
+    unlabelled: bool = False  # a training image without a label: an unlabelled CT
 
 
 @dataclass
@@ -85,6 +86,11 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def unlabelled(self) -> list[str]:
+        """Training case ids without a label (unlabelled CTs, used by the margin loss only)."""
+        return [r.case_id for r in self.rows if r.unlabelled]
 
 
 # ---------------------------------------------------------------------------- dataset.json
@@ -282,6 +288,8 @@ def _check_case(case: Case, labels_expected: bool) -> tuple[CaseRow, list[str], 
     if case.label is None:
         if labels_expected:
             problems.append(f"{case.image}: no label (expected {_expected_label(case)})")
+        elif case.split == "Tr":
+            row.unlabelled = True
     else:
         label = _read(case.label, problems)
         if label is not None:
@@ -309,11 +317,15 @@ def _expected_label(case: Case) -> Path:
 def check_dataset(root: Path, console: Console | None = None, workers: int = 2) -> CheckReport:
     """Validate an nnU-Net v2 raw dataset for SATs; report every problem found.
 
-    Problems (the dataset is not usable as is): invalid dataset.json; image without
-    label or label without image (Tr, and Ts when labelsTs exists); channel files other
+    Problems (the dataset is not usable as is): invalid dataset.json; a test image
+    without a label when labelsTs exists; a label without an image; channel files other
     than ``_0000``; image files not named ``{case}_0000{ending}``; image and label
     differing in size, spacing, origin or direction (1e-3 mm); label values other than
     0 and 1; numTraining not the number of imagesTr cases; unreadable or truncated files.
+
+    Training images without a label are unlabelled CTs (``report.unlabelled``; SATs uses
+    them for the margin loss only), counted in the summary; every training case without
+    a label is a problem only when none has one.
 
     Warnings: empty labels; image values that do not look like CT in HU
     (:func:`ct_intensity_warning`); files with another ending (ignored); a case id in
@@ -350,7 +362,9 @@ def check_dataset(root: Path, console: Console | None = None, workers: int = 2) 
             report.problems.append(f"{images}: missing (the training images folder)")
         scan = _scan(root, split, ending)
         cases_by_split[split] = scan.cases
-        labels_expected = split == "Tr" or labels.is_dir()
+        # A training image without a label is an unlabelled CT (sats train uses it for the
+        # margin loss); a test image needs one only where labelsTs exists.
+        labels_expected = split == "Ts" and labels.is_dir()
         if labels.is_dir() and not images.is_dir():
             report.problems.append(f"{labels}: labels without an images{split} folder")
         jobs += [(c, labels_expected) for c in scan.cases]
@@ -366,6 +380,8 @@ def check_dataset(root: Path, console: Console | None = None, workers: int = 2) 
             report.problems.append(f"{f}: image not named {{case}}_0000{ending} (the nnU-Net channel suffix is missing)")
         for f in scan.other_files:
             report.warnings.append(f"{f}: ignored (not a {ending} file)")
+    if cases_by_split["Tr"] and all(c.label is None for c in cases_by_split["Tr"]):
+        report.problems.append(f"{root / 'labelsTr'}: no training image has a label")
     if not cases_by_split["Tr"] and (root / "imagesTr").is_dir():
         report.problems.append(f"{root / 'imagesTr'}: no {{case}}_0000{ending} images")
     if meta is not None and meta["numTraining"] != len(cases_by_split["Tr"]):
@@ -428,8 +444,9 @@ def print_report(report: CheckReport, console: Console, err_console: Console) ->
         err_console.print(f"[bold red]error:[/] {escape(p)}", highlight=False, soft_wrap=True)
     n = {s: sum(r.split == s for r in report.rows) for s in SPLITS}
     verdict = "[green]valid[/]" if report.ok else f"[bold red]{len(report.problems)} problem(s)[/]"
+    unlabelled = f" ({len(report.unlabelled)} unlabelled: the margin loss only)" if report.unlabelled else ""
     console.print(
-        f"{verdict}: {n['Tr']} training and {n['Ts']} test case(s), {len(report.warnings)} warning(s), "
+        f"{verdict}: {n['Tr']} training{unlabelled} and {n['Ts']} test case(s), {len(report.warnings)} warning(s), "
         f"checked in {report.seconds:.1f} s",
         highlight=False,
     )
@@ -454,6 +471,8 @@ def _table(rows: list[CaseRow], title: str) -> Table:
 
 
 def _status(row: CaseRow) -> str:
+    if row.unlabelled and not row.n_problems:
+        return "[cyan]unlabelled[/]"
     if row.n_problems:
         return f"[red]{row.n_problems} problem{'s' if row.n_problems > 1 else ''}[/]"
     if row.n_warnings:

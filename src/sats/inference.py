@@ -197,6 +197,10 @@ class LoadedRun:
     def has_head(self) -> bool:
         return self.model.head is not None
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
 
 def load_run(run: Path, device: torch.device | str = "cpu") -> LoadedRun:
     """Load a RUN folder's configuration and ``model.pt`` (weights only, never pickles)."""
@@ -235,7 +239,7 @@ def preprocess_for(run: LoadedRun, ct: Volume) -> Preprocessed:
             if not Path(train.atlas).exists():
                 raise SatsError(f"the model was trained with the atlas {train.atlas}, which is missing")
             atlas = read_image(train.atlas)
-        plane = estimate_plane(ct, atlas).plane
+        plane = estimate_plane(ct, atlas, device=run.device).plane
     return preprocess(ct, run.spacing, run.stats, plane=plane)
 
 
@@ -271,11 +275,12 @@ def predict_case(
     box = native_box(roi, pre.grid, ct)
     sub = sub_volume(ct, box)
     roi_grid = sub_volume(pre.grid, roi.slices)
-    prob_native = paste(ct, box, resample_to(roi_grid.with_array(prob), sub, order=1, default=0.0).array)
-    binary = prob_native.array >= 0.5
+    prob_box = resample_to(roi_grid.with_array(prob), sub, order=1, default=0.0).array
+    prob_native = paste(ct, box, prob_box)
+    binary = prob_box >= 0.5
     if opt.largest_component:
         binary = keep_largest_component(binary)
-    mask = ct.with_array(binary.astype(np.uint8))
+    mask = ct.with_array(paste(ct, box, binary).array.astype(np.uint8))
     asym_native = paste(ct, box, resample_to(roi_grid.with_array(asym), sub, order=1, default=0.0).array) if asym is not None else None
     return Prediction(mask, prob_native, asym_native, time.time() - t0)
 

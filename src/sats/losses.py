@@ -16,7 +16,9 @@ from monai.losses import DiceLoss
 
 from sats.symmetry import LR_AXIS, mirror_lr
 
-AsymRegion = Literal["paper", "union"]
+#: Where the margin loss pushes pairs apart: Eq. 1 ("paper"), ``s XOR s'`` ("union"), or
+#: the label-free m_unsup of :mod:`sats.asymmetry` ("unsupervised", precomputed per case).
+AsymRegion = Literal["paper", "union", "unsupervised"]
 
 
 def asymmetric_mask(seg: torch.Tensor, lr_axis: int = LR_AXIS, region: AsymRegion = "paper") -> torch.Tensor:
@@ -45,7 +47,7 @@ def asymmetric_mask(seg: torch.Tensor, lr_axis: int = LR_AXIS, region: AsymRegio
     elif region == "union":
         m = s ^ s_mirror
     else:
-        raise ValueError(f"region must be paper or union, not {region!r}")
+        raise ValueError(f"region must be paper or union, not {region!r} (unsupervised regions come from sats.asymmetry)")
     return m.to(torch.float32)
 
 

@@ -30,12 +30,19 @@ from sats.symmetry import mirror_lr
 @dataclass
 class CaseArrays:
     """One preprocessed training case: ``image`` float32 and ``label`` uint8, (z, y, x),
-    symmetric about the central x plane. ``fg`` lists tumour voxel indices (n, 3)."""
+    symmetric about the central x plane. ``fg`` lists the voxel indices (n, 3) that
+    foreground sampling centres on: the tumour, or m_unsup for an unlabelled case.
+
+    ``asym`` is the unsupervised asymmetric region m_unsup (:mod:`sats.asymmetry`), uint8,
+    where the run uses it; ``labelled`` is False for an unlabelled CT, whose ``label`` is
+    all zeros and never enters the segmentation loss."""
 
     case_id: str
     image: np.ndarray
     label: np.ndarray
     fg: np.ndarray
+    asym: np.ndarray | None = None
+    labelled: bool = True
 
 
 @dataclass
@@ -62,8 +69,9 @@ def sample_patch(
     rng: np.random.Generator,
     force_foreground: bool,
     augment: AugmentConfig,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One (image, label) patch of shape ``patch`` (z, y, x), centred in x on the plane.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One (image, label, asym) patch of shape ``patch`` (z, y, x), centred in x on the
+    plane; ``asym`` is the same window of ``case.asym`` (None without one).
 
     Regions outside the volume read as the image minimum (air) and label 0.
     """
@@ -93,19 +101,20 @@ def sample_patch(
     out_centre = (p - 1) / 2
     offset = centre - matrix @ out_centre
     air = float(case.image.min())
+    masks = [case.label] + ([case.asym] if case.asym is not None else [])
     if np.allclose(matrix, np.eye(3)):
         image = _crop(case.image, centre, p, air)
-        label = _crop(case.label, centre, p, 0)
+        masks = [_crop(m, centre, p, 0) for m in masks]
     else:
         image = ndimage.affine_transform(case.image, matrix, offset, output_shape=tuple(p), order=1, mode="constant", cval=air)
-        label = ndimage.affine_transform(case.label.astype(np.float32), matrix, offset, output_shape=tuple(p), order=1, mode="constant", cval=0.0)
-        label = (label >= 0.5).astype(np.uint8)
+        masks = [(ndimage.affine_transform(m.astype(np.float32), matrix, offset, output_shape=tuple(p), order=1,
+                                           mode="constant", cval=0.0) >= 0.5).astype(np.uint8) for m in masks]
         image = image.astype(np.float32)
-    if augment.enabled and rng.random() < augment.p_flip:
-        image, label = mirror_lr(image), mirror_lr(label)
+    if augment.enabled and rng.random() < augment.p_flip:  # along x, the left-right axis
+        image, masks = mirror_lr(image), [mirror_lr(m) for m in masks]
     if augment.enabled:
         image = _intensity(image, rng, augment)
-    return image, label
+    return image, masks[0], (masks[1] if len(masks) > 1 else None)
 
 
 def _crop(array: np.ndarray, centre: np.ndarray, size: np.ndarray, fill: float) -> np.ndarray:

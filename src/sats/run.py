@@ -64,17 +64,19 @@ class RunConfig:
     labels: dict = field(default_factory=lambda: {"background": 0, "GTV": 1})
     train_ids: list[str] = field(default_factory=list)
     val_ids: list[str] = field(default_factory=list)
+    unlabelled_ids: list[str] = field(default_factory=list)  # unlabelled CTs the margin loss used
 
     def to_dict(self) -> dict:
         return {"format": RUN_FORMAT, "sats_version": __version__, "train": asdict(self.train), "plan": asdict(self.plan),
                 "spacing": list(self.spacing), "intensity": self.intensity.to_dict(), "dataset": self.dataset,
-                "labels": self.labels, "train_ids": self.train_ids, "val_ids": self.val_ids}
+                "labels": self.labels, "train_ids": self.train_ids, "val_ids": self.val_ids,
+                "unlabelled_ids": self.unlabelled_ids}
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
         return cls(config_from_dict(d["train"]), NetworkPlan.from_dict(d["plan"]), tuple(float(v) for v in d["spacing"]),  # type: ignore[arg-type]
                    IntensityStats(**d["intensity"]), str(d.get("dataset", "")), dict(d.get("labels", {})),
-                   list(d.get("train_ids", [])), list(d.get("val_ids", [])))
+                   list(d.get("train_ids", [])), list(d.get("val_ids", [])), list(d.get("unlabelled_ids", [])))
 
 
 def check_format(obj: object, path: Path) -> None:

@@ -149,14 +149,119 @@ def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console
 
 
 def training_cases(dataset: Path):
-    """The labelled training cases of a dataset (an error when there are none or a label is missing)."""
+    """The labelled training cases of a dataset (an error when there are none). imagesTr
+    entries without a label are unlabelled CTs (:func:`unlabelled_inputs`)."""
     cases = list_cases(dataset, "Tr")
     if not cases:
         raise SatsError(f"{dataset}: no training cases in imagesTr")
-    missing = [c.case_id for c in cases if c.label is None]
-    if missing:
-        raise SatsError(f"{dataset}: no label for {', '.join(missing[:5])} (run `sats check {dataset}`)")
-    return cases
+    labelled = [c for c in cases if c.label is not None]
+    if not labelled:
+        raise SatsError(f"{dataset}: no training case has a label in labelsTr (run `sats check {dataset}`)")
+    return labelled
+
+
+def unlabelled_inputs(dataset: Path, cfg: TrainConfig) -> list[tuple[str, Path]]:
+    """``(case_id, path)`` of the unlabelled CTs: imagesTr entries without a label, then the
+    images and DICOM series of ``cfg.unlabelled``."""
+    from sats.io import collect_inputs
+
+    items = [(c.case_id, c.image) for c in list_cases(dataset, "Tr") if c.label is None]
+    if cfg.unlabelled:
+        items += collect_inputs(Path(cfg.unlabelled))[0]
+    ids = [i for i, _ in items]
+    clash = sorted({i for i in ids if ids.count(i) > 1} | (set(ids) & {c.case_id for c in list_cases(dataset, "Tr") if c.label is not None}))
+    if clash:
+        raise SatsError(f"{cfg.unlabelled or dataset}: unlabelled case id {clash[0]} is also another case's id")
+    return items
+
+
+def uses_asymmetry_maps(cfg: TrainConfig) -> bool:
+    """Whether the labelled cases need m_unsup too: the margin loss takes its region from it
+    (unlabelled CTs always have theirs)."""
+    return cfg.margin_loss and cfg.asym_region == "unsupervised"
+
+
+def _asym_key(image: Path, spacing, align: str, extra: dict | None = None) -> str:
+    from sats.asymmetry import AsymmetryConfig
+
+    st = Path(image).stat()
+    h = hashlib.sha256(json.dumps({"file": f"{Path(image).resolve()}:{st.st_size}:{st.st_mtime_ns}", "spacing": list(spacing),
+                                   "align": align, "asym": AsymmetryConfig().to_dict(), **(extra or {})}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _hu_on_grid(ct, spacing, plane_dict: dict | None):
+    """The CT in HU on its symmetric grid (the plane from the cache, or the grid's centre)."""
+    from sats.symmetry import Plane
+
+    return preprocess(ct, spacing, None, plane=Plane.from_dict(plane_dict) if plane_dict else None).grid
+
+
+def add_asymmetry_maps(dataset: Path, cache: Path, cases: list[CaseArrays], cfg: TrainConfig, console: Console | None) -> None:
+    """Give every labelled case its m_unsup (:mod:`sats.asymmetry`), computed once into the
+    cache as ``{case}_asym.npy`` (keyed by file, grid, alignment and settings) and reused."""
+    from sats.asymmetry import asymmetry_map
+
+    spacing = tuple(float(v) for v in cfg.spacing)  # type: ignore[union-attr]
+    meta = json.loads((cache / "meta.json").read_text())
+    keys_file = cache / "asym.json"
+    keys = json.loads(keys_file.read_text()) if keys_file.exists() else {}
+    images = {c.case_id: c.image for c in training_cases(dataset)}
+    with progress_bar(console) as progress:
+        task = progress.add_task("asymmetry maps (registration to the mirror)", total=len(cases))
+        for case in cases:
+            key = _asym_key(images[case.case_id], spacing, meta.get("align", ""))
+            path = cache / f"{case.case_id}_asym.npy"
+            if keys.get(case.case_id) != key or not path.exists():
+                with about(images[case.case_id]):
+                    grid = _hu_on_grid(read_image(images[case.case_id]), spacing, meta.get("planes", {}).get(case.case_id))
+                    _save_npy(path, asymmetry_map(grid).mask)
+                keys[case.case_id] = key
+                write_text_atomic(keys_file, json.dumps(keys, indent=1))
+            case.asym = np.load(path, allow_pickle=False)
+            progress.advance(task)
+
+
+def prepare_unlabelled(items: list[tuple[str, Path]], cache: Path, cfg: TrainConfig, stats: IntensityStats,
+                       console: Console | None) -> list[CaseArrays]:
+    """Preprocess the unlabelled CTs (align, resample, normalise with the labelled cases'
+    statistics) and compute their m_unsup, once, into ``cache``; a CT that cannot be
+    aligned or read is left out with a warning. Resumable case by case."""
+    from sats.alignment import UnreliablePlane, estimate_plane
+    from sats.asymmetry import asymmetry_map
+    from sats.dataset import check_ct
+
+    spacing = tuple(float(v) for v in cfg.spacing)  # type: ignore[union-attr]
+    align = alignment_mode(cfg)
+    cache.mkdir(parents=True, exist_ok=True)
+    keys_file = cache / "unlabelled.json"
+    keys = json.loads(keys_file.read_text()) if keys_file.exists() else {}
+    out = []
+    with progress_bar(console) as progress:
+        task = progress.add_task("unlabelled CTs (align, preprocess, asymmetry)", total=len(items))
+        for cid, path in items:
+            key = _asym_key(path, spacing, align, {"stats": stats.to_dict()}) if path.is_file() else f"dicom:{path.resolve()}"
+            image_file, asym_file = cache / f"{cid}_image.npy", cache / f"{cid}_asym.npy"
+            if keys.get(cid) != key or not (image_file.exists() and asym_file.exists()):
+                try:
+                    with about(path):
+                        ct = read_image(path)
+                        check_ct(ct, str(path))
+                        plane = estimate_plane(ct).plane if cfg.align else None
+                        hu = preprocess(ct, spacing, None, plane=plane).grid
+                        _save_npy(image_file, stats.normalise(hu.array).astype(np.float32))
+                        _save_npy(asym_file, asymmetry_map(hu).mask)
+                except (SatsError, UnreliablePlane) as exc:
+                    progress.console.print(f"[yellow]unlabelled CT left out:[/] {exc}", highlight=False)
+                    progress.advance(task)
+                    continue
+                keys[cid] = key
+                write_text_atomic(keys_file, json.dumps(keys, indent=1))
+            image = np.load(image_file, mmap_mode="r", allow_pickle=False)
+            asym = np.load(asym_file, allow_pickle=False)
+            out.append(CaseArrays(cid, image, np.zeros(asym.shape, np.uint8), np.argwhere(asym > 0), asym, labelled=False))
+            progress.advance(task)
+    return out
 
 
 def median_spacing(dataset: Path) -> tuple[float, float, float]:
@@ -191,23 +296,38 @@ def split_folds(ids: list[str], folds: int, fold: int | str, seed: int = 12345) 
 
 
 class PatchStream(torch.utils.data.IterableDataset):
-    """``iters * batch`` patches for one epoch. The random stream depends only on
-    (seed, epoch, rank, worker), so a resumed run sees the same patches."""
+    """``iters * batch`` patches for one epoch: ``(image, label, m, labelled)`` with ``m`` the
+    region the margin loss pushes apart (Eq. 1 / XOR from the label, or m_unsup) where the
+    stage has the margin loss, else zeros. In those stages the first
+    ``round(unlabelled_fraction * batch)`` patches of every batch (at most batch - 1) come
+    from the unlabelled CTs. The random stream depends only on (seed, epoch, rank,
+    worker), so a resumed run sees the same patches."""
 
-    def __init__(self, cases: list[CaseArrays], cfg: TrainConfig, epoch: int, rank: int) -> None:
+    def __init__(self, cases: list[CaseArrays], cfg: TrainConfig, epoch: int, rank: int,
+                 unlabelled: list[CaseArrays] | None = None) -> None:
         self.cases, self.cfg, self.epoch, self.rank = cases, cfg, epoch, rank
         self.augment = AugmentConfig(enabled=cfg.augment)
+        self.with_margin = cfg.stage(epoch) in ("2", "joint") and cfg.margin_loss
+        self.unlabelled = (unlabelled or []) if self.with_margin else []
+        self.n_unlabelled = min(round(cfg.unlabelled_fraction * cfg.batch_size), cfg.batch_size - 1) if self.unlabelled else 0
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, worker])
         n = self.cfg.iters_per_epoch * self.cfg.batch_size
-        for _ in range(worker, n, n_workers):
-            case = self.cases[rng.integers(len(self.cases))]
+        for i in range(worker, n, n_workers):
+            pool = self.unlabelled if i % self.cfg.batch_size < self.n_unlabelled else self.cases
+            case = pool[rng.integers(len(pool))]
             force = rng.random() < self.cfg.foreground_fraction
-            image, label = sample_patch(case, self.cfg.patch_size, rng, force, self.augment)
-            yield torch.from_numpy(image[None]), torch.from_numpy(label[None])
+            image, label, asym = sample_patch(case, self.cfg.patch_size, rng, force, self.augment)
+            if not self.with_margin:
+                m = np.zeros_like(label)
+            elif asym is not None:
+                m = asym
+            else:
+                m = asymmetric_mask(torch.from_numpy(label), region=self.cfg.asym_region).numpy().astype(np.uint8)  # type: ignore[arg-type]
+            yield torch.from_numpy(image[None]), torch.from_numpy(label[None]), torch.from_numpy(m[None]), case.labelled
 
 
 # --- one step -------------------------------------------------------------------------------
@@ -224,8 +344,10 @@ def validate(model: SATsNet, cases: list[CaseArrays], cfg: TrainConfig, device: 
     model.eval()
     dices = []
     for case in cases:
+        # .forward, not the module: a compiled module would recompile for eval mode and the
+        # window batch sizes of validation (minutes each on a GPU).
         prob, _ = sliding_window_probabilities(
-            model.encoder_decoder, np.asarray(case.image), cfg.patch_size, overlap=cfg.val_overlap, device=device,
+            model.encoder_decoder.forward, np.asarray(case.image), cfg.patch_size, overlap=cfg.val_overlap, device=device,
         )
         dices.append(dice(prob >= 0.5, case.label) / 100.0)
     model.train()
@@ -272,12 +394,17 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     seg_loss: SegmentationLoss,
     use_amp: bool = False,
+    m: torch.Tensor | None = None,
+    labelled: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimiser step on a batch: CT patches ``x`` and labels ``s``, (B, 1, D, H, W).
 
     Siamese: Dice + BCE on both branches (the mirror's label is the mirrored label), plus
     ``beta`` times the margin loss where the stage has it. Not siamese (the U-Net
     baseline): Dice + BCE on the CT alone. Gradients are clipped to ``cfg.grad_clip``.
+    ``m`` (B, 1, D, H, W) is the margin loss's asymmetric region (default: from ``s`` by
+    ``cfg.asym_region``); ``labelled`` (B,) bool marks the patches that have a label:
+    the others (unlabelled CTs) enter the margin loss only.
     Returns the loss terms as detached 0-d tensors on the device (reading them waits for
     the GPU, so the caller does that only now and then).
     """
@@ -292,10 +419,13 @@ def train_step(
         else:
             outputs = net(x, None, with_features=False)
             logits, target = outputs["logits"], s
+    if labelled is not None and not bool(labelled.all()):
+        keep = torch.cat([labelled, labelled]) if cfg.siamese else labelled
+        logits, target = logits[keep], target[keep]
     terms = seg_loss(logits.float(), target)
     loss = terms["dice"] + terms["ce"]
     if with_margin:
-        asym = asymmetric_mask(s, region=cfg.asym_region)  # type: ignore[arg-type]
+        asym = asymmetric_mask(s, region=cfg.asym_region) if m is None else m.float()  # type: ignore[arg-type]
         terms["margin"] = margin_loss(outputs["proj"].float(), outputs["proj_mirror"].float(), asym, cfg.margin)
         loss = loss + cfg.beta * terms["margin"]
     optimizer.zero_grad(set_to_none=True)
@@ -357,6 +487,7 @@ class Cases:
     val: list[CaseArrays]
     stats: IntensityStats
     spacing: tuple[float, float, float]
+    unlabelled: list[CaseArrays] = field(default_factory=list)
 
 
 @dataclass
@@ -489,8 +620,28 @@ def load_cases(dataset: Path, out: Path, cfg: TrainConfig, cache: Path | None, e
         dist.barrier()
     if env.rank != 0:
         arrays, stats, spacing = prepare_cases(dataset, cache, cfg, None, rank=env.rank)
+    unlabelled_items = unlabelled_inputs(dataset, cfg)
+    if unlabelled_items and not cfg.margin_loss:
+        env.say.print(f"[yellow]{len(unlabelled_items)} unlabelled CT(s) left out:[/] without the margin loss they add nothing")
+        unlabelled_items = []
+    unlabelled: list[CaseArrays] = []
+    if env.rank == 0:
+        if uses_asymmetry_maps(cfg):
+            add_asymmetry_maps(dataset, cache, arrays, cfg, env.say)
+        if unlabelled_items:
+            unlabelled = prepare_unlabelled(unlabelled_items, cache / "unlabelled", cfg, stats, env.say)
+    if env.distributed:
+        dist.barrier()
+    if env.rank != 0:  # the cache is complete now: these calls only read it
+        if uses_asymmetry_maps(cfg):
+            add_asymmetry_maps(dataset, cache, arrays, cfg, None)
+        if unlabelled_items:
+            unlabelled = prepare_unlabelled(unlabelled_items, cache / "unlabelled", cfg, stats, None)
     train_ids, val_ids = split_folds([c.case_id for c in arrays], cfg.folds, cfg.fold)
-    cases = Cases([c for c in arrays if c.case_id in set(train_ids)], [c for c in arrays if c.case_id in set(val_ids)], stats, spacing)
+    cases = Cases([c for c in arrays if c.case_id in set(train_ids)], [c for c in arrays if c.case_id in set(val_ids)], stats,
+                  spacing, unlabelled)
+    if unlabelled:
+        env.say.print(f"{len(unlabelled)} unlabelled CT(s): {cfg.unlabelled_fraction:.0%} of each batch in the margin-loss stages")
     if not cases.train:
         raise SatsError(f"{dataset}: the training split is empty")
     if sum(len(c.fg) for c in cases.train) == 0:
@@ -503,7 +654,7 @@ def start_run(dataset: Path, out: Path, cfg: TrainConfig, cases: Cases, env: Set
     and the model, initialised from ``cfg.seed`` on every rank."""
     plan = plan_network(cfg.patch_size, cases.spacing, cfg.base_features, cfg.max_features)
     config = RunConfig(cfg, plan, cases.spacing, cases.stats, str(Path(dataset).resolve()), load_dataset_json(dataset)["labels"],
-                       [c.case_id for c in cases.train], [c.case_id for c in cases.val])
+                       [c.case_id for c in cases.train], [c.case_id for c in cases.val], [c.case_id for c in cases.unlabelled])
     run = Run.create(out, config) if env.rank == 0 else Run(out, config)
     torch.manual_seed(cfg.seed)
     model = prepare_model(run.build_model(), env.device, cfg.amp, cfg.compile)
@@ -544,7 +695,7 @@ def run_epoch(model: SATsNet, state: LoopState, cases: Cases, cfg: TrainConfig, 
     e0, n_ep = stage_epochs(cfg, epoch)
     for g in state.optimizer.param_groups:
         g["lr"] = poly_lr(g["initial_lr"], e0, n_ep, cfg.poly_exponent)
-    loader = torch.utils.data.DataLoader(PatchStream(cases.train, cfg, epoch, env.rank), batch_size=cfg.batch_size,
+    loader = torch.utils.data.DataLoader(PatchStream(cases.train, cfg, epoch, env.rank, cases.unlabelled), batch_size=cfg.batch_size,
                                          num_workers=loader_workers(cfg, env.device), pin_memory=env.device.type == "cuda")
     seg_loss, shown = SegmentationLoss(), ("loss", "dice", "ce", "margin") if st in ("2", "joint") and cfg.margin_loss else ("loss", "dice", "ce")
     sums = {k: torch.zeros((), device=env.device) for k in ("loss", "dice", "ce", "margin")}
@@ -552,9 +703,11 @@ def run_epoch(model: SATsNet, state: LoopState, cases: Cases, cfg: TrainConfig, 
     model.train()
     with progress_bar(env.say, info=True) as progress:
         task = progress.add_task(f"epoch {epoch + 1}/{cfg.total_epochs} (stage {st})", total=cfg.iters_per_epoch, info="")
-        for it, (x, s) in enumerate(loader, 1):
+        for it, (x, s, m, labelled) in enumerate(loader, 1):
             x, s = x.to(env.device, non_blocking=True), s.to(env.device, non_blocking=True).float()
-            terms = train_step(state.net, x, s, cfg, st, state.optimizer, seg_loss, cfg.amp and env.device.type == "cuda")
+            m, labelled = m.to(env.device, non_blocking=True), labelled.to(env.device)
+            terms = train_step(state.net, x, s, cfg, st, state.optimizer, seg_loss, cfg.amp and env.device.type == "cuda",
+                               m=m, labelled=labelled)
             for k in sums:
                 sums[k] += terms[k]
             # Reading the losses waits for the GPU: only every 10 steps.

@@ -1,0 +1,204 @@
+"""Unsupervised asymmetric-region selection (paper Sec. 3.1, "registration-based"): where
+an aligned CT differs from its own left-right mirror, found without a label.
+
+On the symmetric grid (:mod:`sats.preprocessing`: the mid-sagittal plane is the central
+sagittal plane and the last array axis is left-right) the mirror is ``mirror_lr(ct)``.
+Normal anatomy is only roughly symmetric, so the mirror is first **registered
+deformably** to the CT (SimpleITK's symmetric-forces demons, coarse to fine, the
+displacement field smoothed at every iteration by a Gaussian of ``field_sigma_vox``
+voxels of each level: the regularisation that keeps a tumour from being warped away). What registration cannot
+explain is asymmetry:
+
+* the **residual** ``|CT - warped mirror|`` in HU (air -> tissue where a mass fills the
+  nasopharyngeal lumen), smoothed by ``smooth_mm``; and
+* the **local volume change** of the deformation, ``|log det J|`` (a mass that the
+  registration did partly absorb leaves a compression or expansion behind).
+
+The soft score is ``max(residual / residual_hu, |log det J| / log_jacobian)``: 1 where
+either cue reaches its scale. m_unsup is ``score >= threshold`` inside the body (deeper
+than the skin, where couch and mask differences live), without regions smaller than
+``min_ml``. Like the label-based ``s XOR s'`` (``asym_region="union"`` in
+:func:`sats.losses.asymmetric_mask`) it marks both members of an asymmetric pair: the
+tumour and its healthy mirror partner, which are equally dissimilar pairs for the margin
+loss. The defaults were chosen by precision and recall against the label-based regions
+on training cases (BENCHMARKS.md, ``bench/asymmetry_eval.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from sats.io import SatsError, Volume, to_sitk
+from sats.preprocessing import body_mask
+from sats.symmetry import mirror_lr
+
+#: HU window for registration and residual: air to dense soft tissue / thin bone. Bone and
+#: metal above it would dominate the residual with tiny misregistrations.
+RESIDUAL_WINDOW = (-500.0, 300.0)
+
+
+@dataclass
+class AsymmetryConfig:
+    """Settings of the unsupervised asymmetry map (distances in mm, intensities in HU)."""
+
+    levels: tuple[int, ...] = (8, 4, 2, 1)  # pyramid: shrink factors, coarse to fine
+    iterations: tuple[int, ...] = (100, 60, 30, 10)  # demons iterations per level
+    field_sigma_vox: float = 1.0  # Gaussian smoothing of the displacement field, voxels of each level (regularisation)
+    smooth_mm: float = 2.0  # smoothing of the residual before scoring
+    residual_hu: float = 100.0  # residual that scores 1
+    log_jacobian: float = 0.6  # |log det J| that scores 1 (a volume change of about x1.8)
+    threshold: float = 1.0  # score at or above which a voxel is asymmetric
+    min_ml: float = 0.3  # smaller connected regions are dropped
+    skin_mm: float = 5.0  # ignore the outermost mm of the body (couch, mask, skin folds)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AsymmetryMap:
+    """The result on the aligned grid: ``score`` float32 and ``mask`` uint8, (z, y, x)."""
+
+    score: np.ndarray
+    mask: np.ndarray
+    seconds: float
+
+
+def _register_mirror(fixed: sitk.Image, moving: sitk.Image, cfg: AsymmetryConfig) -> sitk.Image:
+    """Displacement field (fixed grid, vector float64, mm) taking fixed points into the moving image."""
+    field = None
+    for shrink, iters in zip(cfg.levels, cfg.iterations):
+        f, m = fixed, moving
+        if shrink > 1:  # smooth before subsampling: a coarse level sees shapes, not noise
+            sigma = 0.5 * shrink * min(fixed.GetSpacing())
+            f = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed, sigma), [shrink] * 3)
+            m = sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving, sigma), [shrink] * 3)
+        init = (sitk.Resample(field, f, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+                if field is not None else sitk.Image(f.GetSize(), sitk.sitkVectorFloat64, 3))
+        init.CopyInformation(f)
+        demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+        demons.SetNumberOfIterations(iters)
+        demons.SetUseImageSpacing(False)  # the smoothing below is in voxels of each level
+        demons.SetSmoothDisplacementField(True)
+        demons.SetStandardDeviations(cfg.field_sigma_vox)
+        field = demons.Execute(f, m, init)
+    assert field is not None
+    if field.GetSize() != fixed.GetSize():
+        field = sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+    return field
+
+
+@dataclass
+class Cues:
+    """The two cues on the aligned grid, (z, y, x) float32: the smoothed residual in HU, the
+    volume change ``|log det J|``, and ``inner``, the body deeper than ``skin_mm``."""
+
+    residual: np.ndarray
+    log_jacobian: np.ndarray
+    inner: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def asymmetry_cues(aligned: Volume, config: AsymmetryConfig | None = None) -> Cues:
+    """Register the mirror to the CT and measure what is left (see the module docstring).
+
+    Args:
+        aligned: CT in HU, (z, y, x), on a grid whose central sagittal plane is the
+            mid-sagittal plane; the last axis is left-right.
+    """
+    cfg = config or AsymmetryConfig()
+    hu = np.clip(np.asarray(aligned.array, np.float32), *RESIDUAL_WINDOW)
+    body = body_mask(np.asarray(aligned.array))
+    if not body.any():
+        raise SatsError("no body found (no voxels above -500 HU): is this a CT in HU?")
+    fixed = to_sitk(aligned.with_array(hu))
+    moving = to_sitk(aligned.with_array(mirror_lr(hu)))  # flip along x, the left-right axis
+    try:
+        field = _register_mirror(fixed, moving, cfg)
+    except RuntimeError as exc:
+        raise SatsError(f"registration of the CT to its mirror failed ({str(exc).strip().splitlines()[-1]})") from None
+    transform = sitk.DisplacementFieldTransform(sitk.Image(field))  # the transform takes the field over: pass a copy
+    warped = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, RESIDUAL_WINDOW[0]))
+    residual = ndimage.gaussian_filter(np.abs(hu - warped), [cfg.smooth_mm / s for s in aligned.spacing])
+    jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field)).astype(np.float32)
+    # Air inside the head (airway, sinuses) is body here: fill each axial slice's holes, so
+    # that the skin margin keeps off the outline only, not off the airway a tumour fills.
+    solid = np.stack([ndimage.binary_fill_holes(sl) for sl in body])
+    inner = ndimage.distance_transform_edt(solid, sampling=aligned.spacing) > cfg.skin_mm
+    inner &= mirror_lr(inner)  # a partner cut off by the field of view is no evidence of asymmetry
+    return Cues(residual.astype(np.float32), np.abs(np.log(np.clip(jac, 1e-3, None))), inner, tuple(aligned.spacing))
+
+
+def score_and_mask(cues: Cues, config: AsymmetryConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The soft score (float32) and m_unsup (uint8) from the cues: the documented rule."""
+    cfg = config or AsymmetryConfig()
+    score = np.maximum(cues.residual / cfg.residual_hu, cues.log_jacobian / cfg.log_jacobian).astype(np.float32)
+    score[~cues.inner] = 0.0
+    mask = score >= cfg.threshold
+    labels, n = ndimage.label(mask)
+    if n:
+        sizes = np.bincount(labels.ravel()) * float(np.prod(cues.spacing)) / 1000.0
+        keep = sizes >= cfg.min_ml
+        keep[0] = False
+        mask = keep[labels]
+    return score, mask.astype(np.uint8)
+
+
+def asymmetry_map(aligned: Volume, config: AsymmetryConfig | None = None) -> AsymmetryMap:
+    """Unsupervised asymmetry of a CT on its symmetric grid: m_unsup and its soft score.
+
+    Args:
+        aligned: CT in HU, (z, y, x), on a grid whose central sagittal plane is the
+            mid-sagittal plane (:func:`sats.preprocessing.preprocess` with ``stats=None``
+            or :func:`sats.alignment.aligned_volume`); the last axis is left-right.
+        config: settings (default :class:`AsymmetryConfig`).
+    Returns:
+        The soft score and m_unsup on the same grid.
+
+    Example:
+        >>> pre = preprocess(ct, (2.0, 2.0, 2.0), None, plane=estimate_plane(ct).plane)
+        >>> m = asymmetry_map(pre.grid).mask     # 1 where the CT differs from its mirror
+    """
+    t0 = time.time()
+    score, mask = score_and_mask(asymmetry_cues(aligned, config), config)
+    return AsymmetryMap(score, mask, time.time() - t0)
+
+
+def precision_recall(mask: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Voxel-wise precision and recall (0-1) of ``mask`` against ``reference``; NaN where undefined."""
+    m, r = mask > 0, reference > 0
+    tp = float((m & r).sum())
+    precision = tp / m.sum() if m.any() else float("nan")
+    recall = tp / r.sum() if r.any() else float("nan")
+    return precision, recall
+
+
+#: Grid (z, y, x mm) on which ``sats asymmetry`` registers a CT to its mirror.
+DEFAULT_SPACING = (2.0, 2.0, 2.0)
+
+
+def asymmetry_on_input_grid(ct: Volume, spacing: tuple[float, float, float] = DEFAULT_SPACING,
+                            config: AsymmetryConfig | None = None) -> tuple[Volume, Volume, float]:
+    """m_unsup and the soft score of a CT in any orientation, on the CT's own grid.
+
+    The CT is aligned (:func:`sats.alignment.estimate_plane`), resampled onto its symmetric
+    grid at ``spacing`` (z, y, x mm), scored there (:func:`asymmetry_map`) and resampled back
+    (the score linearly, the mask linearly then thresholded at 0.5).
+
+    Returns:
+        ``(mask uint8, score float32, seconds)``, both with ``ct``'s exact geometry.
+    """
+    from sats.alignment import estimate_plane
+    from sats.preprocessing import preprocess, resample_to
+
+    t0 = time.time()
+    pre = preprocess(ct, spacing, None, plane=estimate_plane(ct).plane)
+    result = asymmetry_map(pre.grid, config)
+    score = resample_to(pre.grid.with_array(result.score), ct, order=1, default=0.0)
+    mask = resample_to(pre.grid.with_array(result.mask.astype(np.float32)), ct, order=1, default=0.0)
+    return ct.with_array((mask.array >= 0.5).astype(np.uint8)), score, time.time() - t0
