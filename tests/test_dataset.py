@@ -330,7 +330,7 @@ def test_cli_check_valid_exits_0_and_prints_the_table(data: Path) -> None:
 
 
 def test_cli_check_broken_exits_1_with_one_line_per_problem(data: Path) -> None:
-    broken = [_missing_label(data), _orphan_label(data), lbl(data, "case_000")]
+    broken = [_missing_ts_label(data), _orphan_label(data), lbl(data, "case_000")]
     write_image(Volume(label_array(), **{**GEO, "spacing": (2.5, 1.1, 1.0)}), lbl(data, "case_000"))
     result = CliRunner().invoke(app, ["check", str(data)])
     assert result.exit_code == 1

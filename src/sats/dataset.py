@@ -344,7 +344,6 @@ def check_dataset(root: Path, console: Console | None = None, workers: int = 2) 
     if not root.is_dir():
         raise SatsError(f"{root}: no such dataset folder")
     report = CheckReport(root)
-    json_path = root / "dataset.json"
     try:
         meta: dict | None = load_dataset_json(root)
     except SatsError as exc:
@@ -380,14 +379,7 @@ def check_dataset(root: Path, console: Console | None = None, workers: int = 2) 
             report.problems.append(f"{f}: image not named {{case}}_0000{ending} (the nnU-Net channel suffix is missing)")
         for f in scan.other_files:
             report.warnings.append(f"{f}: ignored (not a {ending} file)")
-    if cases_by_split["Tr"] and all(c.label is None for c in cases_by_split["Tr"]):
-        report.problems.append(f"{root / 'labelsTr'}: no training image has a label")
-    if not cases_by_split["Tr"] and (root / "imagesTr").is_dir():
-        report.problems.append(f"{root / 'imagesTr'}: no {{case}}_0000{ending} images")
-    if meta is not None and meta["numTraining"] != len(cases_by_split["Tr"]):
-        report.problems.append(
-            f"{json_path}: numTraining is {meta['numTraining']} but imagesTr holds {len(cases_by_split['Tr'])} case(s)"
-        )
+    report.problems += _training_split_problems(root, cases_by_split["Tr"], meta, ending)
     for cid in sorted({c.case_id for c in cases_by_split["Tr"]} & {c.case_id for c in cases_by_split["Ts"]}):
         report.warnings.append(f"{root / 'imagesTs'}: case {cid} is also in imagesTr (same patient in both splits?)")
 
@@ -398,6 +390,18 @@ def check_dataset(root: Path, console: Console | None = None, workers: int = 2) 
         report.warnings += warnings
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _training_split_problems(root: Path, train: list[Case], meta: dict | None, ending: str) -> list[str]:
+    """What is wrong with imagesTr as a whole: no images, no label at all, numTraining off."""
+    problems = []
+    if train and all(c.label is None for c in train):
+        problems.append(f"{root / 'labelsTr'}: no training image has a label")
+    if not train and (root / "imagesTr").is_dir():
+        problems.append(f"{root / 'imagesTr'}: no {{case}}_0000{ending} images")
+    if meta is not None and meta["numTraining"] != len(train):
+        problems.append(f"{root / 'dataset.json'}: numTraining is {meta['numTraining']} but imagesTr holds {len(train)} case(s)")
+    return problems
 
 
 def _check_cases(jobs: list[tuple[Case, bool]], console: Console | None, workers: int) -> list:
