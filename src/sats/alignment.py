@@ -115,9 +115,8 @@ class _MirrorSampler:
 
     def __init__(self, smooth: np.ndarray, vol: Volume, points: np.ndarray, device: str | torch.device):
         self.device = torch.device(device)
-        self.dtype = torch.float32
         # Sample (value - air) with zero padding: outside reads as air; NCC ignores the shift.
-        self.volume = torch.as_tensor(smooth - HU_WINDOW[0], dtype=self.dtype, device=self.device)[None, None]
+        self.volume = torch.as_tensor(smooth - HU_WINDOW[0], dtype=torch.float32, device=self.device)[None, None]
         self.points = torch.as_tensor(points, dtype=torch.float64, device=self.device)
         # grid_sample's coordinates: (x, y, z) index order, scaled to [-1, 1] (align_corners=True).
         size_xyz = np.array(vol.shape[::-1], float)
@@ -132,7 +131,7 @@ class _MirrorSampler:
         w = a.T @ self.to_index * self.scale[None, :]  # normalised = p @ w + c
         c = (b - self.origin) @ self.to_index * self.scale - 1.0
         grid = self.points @ torch.as_tensor(w, device=self.device) + torch.as_tensor(c, device=self.device)
-        grid = grid.to(self.dtype)[None, None, None]
+        grid = grid.to(torch.float32)[None, None, None]
         values = torch.nn.functional.grid_sample(self.volume, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         return values.reshape(-1).to(torch.float64)
 

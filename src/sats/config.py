@@ -140,6 +140,10 @@ class TrainConfig:
             return "joint"
         return "1" if epoch < self.stage1_epochs else "2"
 
+    def has_margin(self, stage: str) -> bool:
+        """Whether the margin loss (and with it the head) is trained in ``stage``."""
+        return stage in ("2", "joint") and self.margin_loss
+
 
 def fit_to_data(cfg: TrainConfig, data_spacing: tuple[float, float, float]) -> tuple[tuple, tuple]:
     """(spacing, patch size) to train at: the configuration's, except where

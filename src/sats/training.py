@@ -64,12 +64,17 @@ def _setup_distributed(device: torch.device) -> bool:
 # --- the case cache ---------------------------------------------------------------------
 
 
+def _fingerprint(path: Path) -> str:
+    """Path, size and modification time of a file, or of every file of a folder (a DICOM series)."""
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    return ";".join(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}" for f in files for st in [f.stat()])
+
+
 def _cache_key(files: list[Path], spacing, stats: IntensityStats, align: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"spacing": list(spacing), "stats": stats.to_dict(), "align": align, "v": RUN_FORMAT}).encode())
     for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(_fingerprint(f).encode())
     return h.hexdigest()[:16]
 
 
@@ -165,11 +170,12 @@ def unlabelled_inputs(dataset: Path, cfg: TrainConfig) -> list[tuple[str, Path]]
     images and DICOM series of ``cfg.unlabelled``."""
     from sats.io import collect_inputs
 
-    items = [(c.case_id, c.image) for c in list_cases(dataset, "Tr") if c.label is None]
+    cases = list_cases(dataset, "Tr")
+    items = [(c.case_id, c.image) for c in cases if c.label is None]
     if cfg.unlabelled:
         items += collect_inputs(Path(cfg.unlabelled))[0]
     ids = [i for i, _ in items]
-    clash = sorted({i for i in ids if ids.count(i) > 1} | (set(ids) & {c.case_id for c in list_cases(dataset, "Tr") if c.label is not None}))
+    clash = sorted({i for i in ids if ids.count(i) > 1} | (set(ids) & {c.case_id for c in cases if c.label is not None}))
     if clash:
         raise SatsError(f"{cfg.unlabelled or dataset}: unlabelled case id {clash[0]} is also another case's id")
     return items
@@ -184,9 +190,8 @@ def uses_asymmetry_maps(cfg: TrainConfig) -> bool:
 def _asym_key(image: Path, spacing, align: str, extra: dict | None = None) -> str:
     from sats.asymmetry import AsymmetryConfig
 
-    st = Path(image).stat()
-    h = hashlib.sha256(json.dumps({"file": f"{Path(image).resolve()}:{st.st_size}:{st.st_mtime_ns}", "spacing": list(spacing),
-                                   "align": align, "asym": AsymmetryConfig().to_dict(), **(extra or {})}, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"file": _fingerprint(Path(image)), "spacing": list(spacing), "align": align,
+                                   "asym": AsymmetryConfig().to_dict(), **(extra or {})}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -227,7 +232,7 @@ def prepare_unlabelled(items: list[tuple[str, Path]], cache: Path, cfg: TrainCon
     """Preprocess the unlabelled CTs (align, resample, normalise with the labelled cases'
     statistics) and compute their m_unsup, once, into ``cache``; a CT that cannot be
     aligned or read is left out with a warning. Resumable case by case."""
-    from sats.alignment import UnreliablePlane, estimate_plane
+    from sats.alignment import estimate_plane
     from sats.asymmetry import asymmetry_map
     from sats.dataset import check_ct
 
@@ -240,7 +245,7 @@ def prepare_unlabelled(items: list[tuple[str, Path]], cache: Path, cfg: TrainCon
     with progress_bar(console) as progress:
         task = progress.add_task("unlabelled CTs (align, preprocess, asymmetry)", total=len(items))
         for cid, path in items:
-            key = _asym_key(path, spacing, align, {"stats": stats.to_dict()}) if path.is_file() else f"dicom:{path.resolve()}"
+            key = _asym_key(path, spacing, align, {"stats": stats.to_dict()})
             image_file, asym_file = cache / f"{cid}_image.npy", cache / f"{cid}_asym.npy"
             if keys.get(cid) != key or not (image_file.exists() and asym_file.exists()):
                 try:
@@ -251,7 +256,7 @@ def prepare_unlabelled(items: list[tuple[str, Path]], cache: Path, cfg: TrainCon
                         hu = preprocess(ct, spacing, None, plane=plane).grid
                         _save_npy(image_file, stats.normalise(hu.array).astype(np.float32))
                         _save_npy(asym_file, asymmetry_map(hu).mask)
-                except (SatsError, UnreliablePlane) as exc:
+                except SatsError as exc:  # unreadable, not CT, or no reliable plane
                     progress.console.print(f"[yellow]unlabelled CT left out:[/] {exc}", highlight=False)
                     progress.advance(task)
                     continue
@@ -307,7 +312,7 @@ class PatchStream(torch.utils.data.IterableDataset):
                  unlabelled: list[CaseArrays] | None = None) -> None:
         self.cases, self.cfg, self.epoch, self.rank = cases, cfg, epoch, rank
         self.augment = AugmentConfig(enabled=cfg.augment)
-        self.with_margin = cfg.stage(epoch) in ("2", "joint") and cfg.margin_loss
+        self.with_margin = cfg.has_margin(cfg.stage(epoch))
         self.unlabelled = (unlabelled or []) if self.with_margin else []
         self.n_unlabelled = min(round(cfg.unlabelled_fraction * cfg.batch_size), cfg.batch_size - 1) if self.unlabelled else 0
 
@@ -361,7 +366,7 @@ def stage_optimizer(model: SATsNet, cfg: TrainConfig, stage: str, fused: bool | 
     ``fused`` (default: on CUDA) updates all parameters in one kernel."""
     backbone = list(model.encoder_decoder.parameters())
     head = list(model.head.parameters()) if model.head is not None else []
-    train_head = stage in ("2", "joint") and cfg.margin_loss and bool(head)
+    train_head = cfg.has_margin(stage) and bool(head)
     for p in head:
         p.requires_grad_(train_head)
     groups = [{"params": backbone, "lr": cfg.stage2_backbone_lr if stage == "2" else cfg.lr, "name": "backbone"}]
@@ -411,7 +416,7 @@ def train_step(
     model = net.module if isinstance(net, DistributedDataParallel) else net
     if use_amp and x.is_cuda:  # channels-last 3D: cuDNN's fast bf16 convolutions
         x, s = x.contiguous(memory_format=torch.channels_last_3d), s.contiguous(memory_format=torch.channels_last_3d)
-    with_margin = stage in ("2", "joint") and cfg.margin_loss
+    with_margin = cfg.has_margin(stage)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
         if cfg.siamese:
             outputs = net(x, mirror_lr(x), with_features=with_margin)
@@ -624,19 +629,19 @@ def load_cases(dataset: Path, out: Path, cfg: TrainConfig, cache: Path | None, e
     if unlabelled_items and not cfg.margin_loss:
         env.say.print(f"[yellow]{len(unlabelled_items)} unlabelled CT(s) left out:[/] without the margin loss they add nothing")
         unlabelled_items = []
-    unlabelled: list[CaseArrays] = []
-    if env.rank == 0:
+
+    def asymmetry_inputs(console: Console | None) -> list[CaseArrays]:
+        """m_unsup of the labelled cases where the run uses it, and the unlabelled CTs."""
         if uses_asymmetry_maps(cfg):
-            add_asymmetry_maps(dataset, cache, arrays, cfg, env.say)
-        if unlabelled_items:
-            unlabelled = prepare_unlabelled(unlabelled_items, cache / "unlabelled", cfg, stats, env.say)
+            add_asymmetry_maps(dataset, cache, arrays, cfg, console)
+        return prepare_unlabelled(unlabelled_items, cache / "unlabelled", cfg, stats, console) if unlabelled_items else []
+
+    if env.rank == 0:
+        unlabelled = asymmetry_inputs(env.say)
     if env.distributed:
         dist.barrier()
-    if env.rank != 0:  # the cache is complete now: these calls only read it
-        if uses_asymmetry_maps(cfg):
-            add_asymmetry_maps(dataset, cache, arrays, cfg, None)
-        if unlabelled_items:
-            unlabelled = prepare_unlabelled(unlabelled_items, cache / "unlabelled", cfg, stats, None)
+    if env.rank != 0:  # the cache is complete now: this only reads it
+        unlabelled = asymmetry_inputs(None)
     train_ids, val_ids = split_folds([c.case_id for c in arrays], cfg.folds, cfg.fold)
     cases = Cases([c for c in arrays if c.case_id in set(train_ids)], [c for c in arrays if c.case_id in set(val_ids)], stats,
                   spacing, unlabelled)
@@ -697,7 +702,7 @@ def run_epoch(model: SATsNet, state: LoopState, cases: Cases, cfg: TrainConfig, 
         g["lr"] = poly_lr(g["initial_lr"], e0, n_ep, cfg.poly_exponent)
     loader = torch.utils.data.DataLoader(PatchStream(cases.train, cfg, epoch, env.rank, cases.unlabelled), batch_size=cfg.batch_size,
                                          num_workers=loader_workers(cfg, env.device), pin_memory=env.device.type == "cuda")
-    seg_loss, shown = SegmentationLoss(), ("loss", "dice", "ce", "margin") if st in ("2", "joint") and cfg.margin_loss else ("loss", "dice", "ce")
+    seg_loss, shown = SegmentationLoss(), ("loss", "dice", "ce", "margin") if cfg.has_margin(st) else ("loss", "dice", "ce")
     sums = {k: torch.zeros((), device=env.device) for k in ("loss", "dice", "ce", "margin")}
     t0 = time.time()
     model.train()
