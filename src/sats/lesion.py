@@ -83,6 +83,7 @@ which narrows smoothly instead of being overwritten at a hard edge.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -775,7 +776,10 @@ def write_lesion_dataset(
     used: set[str] = set()
     counts = {"Tr": 0, "Ts": 0}
     progress = progress_bar(console, info=True)
-    with progress, ProcessPoolExecutor(max_workers=workers) as pool:
+    # Spawned, not forked, workers: a fork taken after SimpleITK's or torch's thread pools
+    # have run (a registration, a training) can inherit a held lock and hang for ever.
+    spawn = multiprocessing.get_context("spawn")
+    with progress, ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
         for split, candidates, wanted in plan:
             if counts[split] >= wanted:
                 continue
