@@ -2,7 +2,7 @@
 ones: voxel-wise precision and recall of m_unsup against Eq. 1 (``s - s∩s'``) and against
 ``s XOR s'``, per setting, over a dataset's cases. Tune on Tr, report on Ts.
 
-    python bench/asymmetry_eval.py DATASET --split Tr --cases 10 --spacing 2 2 2 [--sweep]
+    python bench/asymmetry_eval.py DATASET --split Tr --cases 10 --spacing 2 2 2 [--sweep] [--region body]
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ def main() -> None:
     ap.add_argument("--spacing", type=float, nargs=3, default=(2.0, 2.0, 2.0))
     ap.add_argument("--sweep", action="store_true", help="also sweep residual_hu, log_jacobian and threshold")
     ap.add_argument("--field-sigma", type=float, nargs="*", default=[AsymmetryConfig().field_sigma_vox])
+    ap.add_argument("--region", default=AsymmetryConfig().region, choices=["nasopharynx", "body"])
     args = ap.parse_args()
     cases = [c for c in list_cases(args.dataset, args.split) if c.label is not None][: args.cases]
-    base = AsymmetryConfig()
+    base = AsymmetryConfig(region=args.region)
     scorings = [base]
     if args.sweep:
         scorings = [replace(base, residual_hu=r, log_jacobian=j, threshold=t)
@@ -49,7 +50,7 @@ def main() -> None:
         union = asymmetric_mask(s, region="union").numpy()
         for sigma in args.field_sigma:
             t0 = time.time()
-            cues = asymmetry_cues(pre.grid, replace(base, field_sigma_vox=sigma))
+            cues = asymmetry_cues(pre, replace(base, field_sigma_vox=sigma))
             seconds.append(time.time() - t0)
             for cfg in scorings:
                 _, mask = score_and_mask(cues, cfg)
@@ -57,7 +58,7 @@ def main() -> None:
                 rows.setdefault(key, []).append((*precision_recall(mask, union), *precision_recall(mask, paper),
                                                  mask.sum() * np.prod(args.spacing) / 1000))
         print(f"{case.case_id}: grid {pre.grid.shape}, registration {seconds[-1]:.1f} s", flush=True)
-    print(f"\n{len(cases)} {args.split} cases of {args.dataset}, spacing {tuple(args.spacing)} mm, "
+    print(f"\n{len(cases)} {args.split} cases of {args.dataset}, region {args.region}, spacing {tuple(args.spacing)} mm, "
           f"registration median {np.median(seconds):.1f} s per case")
     print("| field sigma (voxels) | residual HU | log J | threshold | precision (XOR) | recall (XOR) | F1 (XOR) | "
           "precision (Eq. 1) | recall (Eq. 1) | m_unsup ml |")

@@ -32,7 +32,7 @@ def main() -> None:
         label = read_image(Path(dataset) / "labelsTr" / f"{case}.nii.gz")
         pre = preprocess(ct, DEFAULT_SPACING, None, label=label, plane=estimate_plane(ct).plane)
         union = asymmetric_mask(torch.from_numpy(pre.label), region="union").numpy()
-        m = asymmetry_map(pre.grid).mask
+        m = asymmetry_map(pre).mask
         z = int(np.argmax(union.sum(axis=(1, 2))))
         p, r = precision_recall(m, union)
         for ax, mask, title in ((row[0], union, "label: s XOR s'"), (row[1], m, f"m_unsup (precision {p:.2f}, recall {r:.2f})")):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sats.alignment import estimate_plane
-from sats.asymmetry import asymmetry_map, asymmetry_on_input_grid, precision_recall
+from sats.asymmetry import AsymmetryConfig, analysis_region, asymmetry_map, asymmetry_on_input_grid, precision_recall
 from sats.io import read_image
 from sats.losses import asymmetric_mask
 from sats.phantom import PhantomConfig, make_case
@@ -31,7 +31,7 @@ def phantom_maps():
     for seed in (101, 102):
         for free in (False, True):
             pre = _on_grid(make_case(seed, 0, "Tr", PhantomConfig(tumor_free=free)))
-            out[seed, free] = (pre, asymmetry_map(pre.grid))
+            out[seed, free] = (pre, asymmetry_map(pre))
     return out
 
 
@@ -54,6 +54,27 @@ def test_tumour_free_phantom_gives_nearly_empty_m_unsup(phantom_maps) -> None:
         ml_free = phantom_maps[seed, True][1].mask.sum() * np.prod(SPACING) / 1000
         ml_tumour = phantom_maps[seed, False][1].mask.sum() * np.prod(SPACING) / 1000
         assert ml_free <= 5.0 and ml_free < ml_tumour / 4, (seed, ml_free, ml_tumour)
+
+
+def test_m_unsup_stays_in_the_nasopharynx_box(phantom_maps) -> None:
+    pre, result = phantom_maps[101, False]
+    box = analysis_region(pre)
+    nx = pre.grid.shape[2]
+    assert box[2].start + box[2].stop == nx  # symmetric about the plane (x = left-right)
+    assert np.prod([sl.stop - sl.start for sl in box]) < 0.8 * np.prod(pre.grid.shape)  # a box, not the whole head
+    outside = result.mask.copy()
+    outside[box] = 0
+    assert result.mask[box].any() and not outside.any()
+    assert (analysis_region(pre, AsymmetryConfig(region="body"))[0].stop == pre.grid.shape[0])
+
+
+def test_volume_crop_keeps_points_in_place() -> None:
+    pre = _on_grid(make_case(101, 0, "Tr", PhantomConfig()))
+    box = (slice(3, 20), slice(5, 30), slice(2, 40))
+    sub = pre.grid.crop(box)
+    assert sub.shape == (17, 25, 38)
+    assert np.allclose(sub.index_to_physical(np.array([1, 2, 3])), pre.grid.index_to_physical(np.array([4, 7, 5])))
+    assert sub.array[1, 2, 3] == pre.grid.array[4, 7, 5]
 
 
 def test_mask_and_score_come_back_on_the_input_grid() -> None:

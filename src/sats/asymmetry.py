@@ -17,7 +17,16 @@ explain is asymmetry:
 The soft score is ``max(residual / residual_hu, |log det J| / log_jacobian)``: 1 where
 either cue reaches its scale. m_unsup is ``score >= threshold`` inside the body (deeper
 than the skin, where couch and mask differences live), without regions smaller than
-``min_ml``. Like the label-based ``s XOR s'`` (``asym_region="union"`` in
+``min_ml``.
+
+By default (``region="nasopharynx"``) all of this happens in the box around the
+nasopharynx that prediction also looks in (:func:`sats.roi.landmark_box`: the lumen found
+after alignment, widened by 45-50 mm, symmetric about the plane); outside it the score is
+0. A head-and-neck CT is asymmetric in many places that say nothing about a GTV (mastoid
+air cells, a turned neck, the shoulders, the couch side), and registering the whole body
+costs several times as long. The registration sees the box widened by ``context_mm``:
+demons pulls on a crop's faces, and on tumour-free phantoms a tight crop left 10 ml of
+false asymmetry there. ``region="body"`` scores the whole grid. Like the label-based ``s XOR s'`` (``asym_region="union"`` in
 :func:`sats.losses.asymmetric_mask`) it marks both members of an asymmetric pair: the
 tumour and its healthy mirror partner, which are equally dissimilar pairs for the margin
 loss. The defaults were chosen by precision and recall against the label-based regions
@@ -34,7 +43,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from sats.io import SatsError, Volume, to_sitk
-from sats.preprocessing import body_mask
+from sats.preprocessing import Preprocessed, body_mask
 from sats.symmetry import mirror_lr
 
 #: HU window for registration and residual: air to dense soft tissue / thin bone. Bone and
@@ -55,6 +64,8 @@ class AsymmetryConfig:
     threshold: float = 1.0  # score at or above which a voxel is asymmetric
     min_ml: float = 0.3  # smaller connected regions are dropped
     skin_mm: float = 5.0  # ignore the outermost mm of the body (couch, mask, skin folds)
+    region: str = "nasopharynx"  # where to look: "nasopharynx" (the landmark box of sats.roi) or "body"
+    context_mm: float = 20.0  # the registration sees the region widened by this much (scoring stays inside)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,14 +115,49 @@ class Cues:
     spacing: tuple[float, float, float]
 
 
-def asymmetry_cues(aligned: Volume, config: AsymmetryConfig | None = None) -> Cues:
+#: Smallest analysis box (z, y, x voxels), where the grid allows: the coarsest pyramid level
+#: (shrink 8) still sees a few voxels per axis.
+MIN_REGION_VOX = (32, 32, 32)
+
+
+def analysis_region(pre: Preprocessed, config: AsymmetryConfig | None = None, widen_mm: float = 0.0) -> tuple[slice, slice, slice]:
+    """The box of the symmetric grid that is scored, (z, y, x) slices, symmetric about the
+    central x plane (x = left-right), so that the mirror of the crop is the crop of the mirror."""
+    from sats.roi import box_to_roi, landmark_box
+
+    cfg = config or AsymmetryConfig()
+    if cfg.region == "body":
+        return tuple(slice(0, n) for n in pre.grid.shape)  # type: ignore[return-value]
+    if cfg.region != "nasopharynx":
+        raise SatsError(f"unknown asymmetry region {cfg.region!r} (use 'nasopharynx' or 'body')")
+    lo, hi, _ = landmark_box(pre.grid, pre)  # pre.grid is in HU here: it stands in for the CT
+    return box_to_roi(lo - widen_mm, hi + widen_mm, pre.grid, MIN_REGION_VOX, "asymmetry").slices
+
+
+def asymmetry_cues(pre: Preprocessed, config: AsymmetryConfig | None = None) -> Cues:
     """Register the mirror to the CT and measure what is left (see the module docstring).
 
     Args:
-        aligned: CT in HU, (z, y, x), on a grid whose central sagittal plane is the
-            mid-sagittal plane; the last axis is left-right.
+        pre: the CT on its symmetric grid **in HU** (:func:`sats.preprocessing.preprocess`
+            with ``stats=None``): (z, y, x), the central sagittal plane is the mid-sagittal
+            plane and the last axis is left-right.
+    Returns:
+        The cues on the whole grid; outside :func:`analysis_region` they are 0 and
+        ``inner`` is False.
     """
     cfg = config or AsymmetryConfig()
+    box, outer = analysis_region(pre, cfg), analysis_region(pre, cfg, cfg.context_mm)
+    crop = _crop_cues(pre.grid.crop(outer), cfg)
+    full = Cues(*(np.zeros(pre.grid.shape, a.dtype) for a in (crop.residual, crop.log_jacobian, crop.inner)),
+                tuple(pre.grid.spacing))
+    full.residual[outer], full.log_jacobian[outer], full.inner[outer] = crop.residual, crop.log_jacobian, crop.inner
+    keep = np.zeros(pre.grid.shape, bool)
+    keep[box] = True
+    full.inner &= keep
+    return full
+
+
+def _crop_cues(aligned: Volume, cfg: AsymmetryConfig) -> Cues:
     hu = np.clip(np.asarray(aligned.array, np.float32), *RESIDUAL_WINDOW)
     body = body_mask(np.asarray(aligned.array))
     if not body.any():
@@ -128,6 +174,7 @@ def asymmetry_cues(aligned: Volume, config: AsymmetryConfig | None = None) -> Cu
     jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field)).astype(np.float32)
     # Air inside the head (airway, sinuses) is body here: fill each axial slice's holes, so
     # that the skin margin keeps off the outline only, not off the airway a tumour fills.
+    # (A body cut by the box's faces is not outline: the distance counts to background only.)
     solid = np.stack([ndimage.binary_fill_holes(sl) for sl in body])
     inner = ndimage.distance_transform_edt(solid, sampling=aligned.spacing) > cfg.skin_mm
     inner &= mirror_lr(inner)  # a partner cut off by the field of view is no evidence of asymmetry
@@ -149,23 +196,23 @@ def score_and_mask(cues: Cues, config: AsymmetryConfig | None = None) -> tuple[n
     return score, mask.astype(np.uint8)
 
 
-def asymmetry_map(aligned: Volume, config: AsymmetryConfig | None = None) -> AsymmetryMap:
+def asymmetry_map(pre: Preprocessed, config: AsymmetryConfig | None = None) -> AsymmetryMap:
     """Unsupervised asymmetry of a CT on its symmetric grid: m_unsup and its soft score.
 
     Args:
-        aligned: CT in HU, (z, y, x), on a grid whose central sagittal plane is the
-            mid-sagittal plane (:func:`sats.preprocessing.preprocess` with ``stats=None``
-            or :func:`sats.alignment.aligned_volume`); the last axis is left-right.
+        pre: the CT on its symmetric grid in HU (:func:`sats.preprocessing.preprocess`
+            with ``stats=None``): (z, y, x), the central sagittal plane is the mid-sagittal
+            plane, the last axis is left-right.
         config: settings (default :class:`AsymmetryConfig`).
     Returns:
-        The soft score and m_unsup on the same grid.
+        The soft score and m_unsup on ``pre.grid``.
 
     Example:
         >>> pre = preprocess(ct, (2.0, 2.0, 2.0), None, plane=estimate_plane(ct).plane)
-        >>> m = asymmetry_map(pre.grid).mask     # 1 where the CT differs from its mirror
+        >>> m = asymmetry_map(pre).mask     # 1 where the CT differs from its mirror
     """
     t0 = time.time()
-    score, mask = score_and_mask(asymmetry_cues(aligned, config), config)
+    score, mask = score_and_mask(asymmetry_cues(pre, config), config)
     return AsymmetryMap(score, mask, time.time() - t0)
 
 
@@ -198,7 +245,7 @@ def asymmetry_on_input_grid(ct: Volume, spacing: tuple[float, float, float] = DE
 
     t0 = time.time()
     pre = preprocess(ct, spacing, None, plane=estimate_plane(ct).plane)
-    result = asymmetry_map(pre.grid, config)
+    result = asymmetry_map(pre, config)
     score = resample_to(pre.grid.with_array(result.score), ct, order=1, default=0.0)
     mask = resample_to(pre.grid.with_array(result.mask.astype(np.float32)), ct, order=1, default=0.0)
     return ct.with_array((mask.array >= 0.5).astype(np.uint8)), score, time.time() - t0

@@ -199,7 +199,7 @@ def _hu_on_grid(ct, spacing, plane_dict: dict | None):
     """The CT in HU on its symmetric grid (the plane from the cache, or the grid's centre)."""
     from sats.symmetry import Plane
 
-    return preprocess(ct, spacing, None, plane=Plane.from_dict(plane_dict) if plane_dict else None).grid
+    return preprocess(ct, spacing, None, plane=Plane.from_dict(plane_dict) if plane_dict else None)
 
 
 def add_asymmetry_maps(dataset: Path, cache: Path, cases: list[CaseArrays], cfg: TrainConfig, console: Console | None) -> None:
@@ -219,8 +219,8 @@ def add_asymmetry_maps(dataset: Path, cache: Path, cases: list[CaseArrays], cfg:
             path = cache / f"{case.case_id}_asym.npy"
             if keys.get(case.case_id) != key or not path.exists():
                 with about(images[case.case_id]):
-                    grid = _hu_on_grid(read_image(images[case.case_id]), spacing, meta.get("planes", {}).get(case.case_id))
-                    _save_npy(path, asymmetry_map(grid).mask)
+                    pre = _hu_on_grid(read_image(images[case.case_id]), spacing, meta.get("planes", {}).get(case.case_id))
+                    _save_npy(path, asymmetry_map(pre).mask)
                 keys[case.case_id] = key
                 write_text_atomic(keys_file, json.dumps(keys, indent=1))
             case.asym = np.load(path, allow_pickle=False)
@@ -253,9 +253,9 @@ def prepare_unlabelled(items: list[tuple[str, Path]], cache: Path, cfg: TrainCon
                         ct = read_image(path)
                         check_ct(ct, str(path))
                         plane = estimate_plane(ct).plane if cfg.align else None
-                        hu = preprocess(ct, spacing, None, plane=plane).grid
-                        _save_npy(image_file, stats.normalise(hu.array).astype(np.float32))
-                        _save_npy(asym_file, asymmetry_map(hu).mask)
+                        pre = preprocess(ct, spacing, None, plane=plane)  # in HU: stats=None
+                        _save_npy(image_file, stats.normalise(pre.image).astype(np.float32))
+                        _save_npy(asym_file, asymmetry_map(pre).mask)
                 except SatsError as exc:  # unreadable, not CT, or no reliable plane
                     progress.console.print(f"[yellow]unlabelled CT left out:[/] {exc}", highlight=False)
                     progress.advance(task)

@@ -95,6 +95,11 @@ class Volume:
             raise ValueError(f"shape {array.shape} does not match {self.array.shape}")
         return Volume(array, self.spacing, self.origin, self.direction.copy())
 
+    def crop(self, box: tuple[slice, slice, slice]) -> Volume:
+        """The sub-volume ``array[box]`` ((z, y, x) slices, step 1) with its own origin: same points in space."""
+        start = np.array([sl.indices(n)[0] for sl, n in zip(box, self.shape)], float)
+        return Volume(self.array[box], self.spacing, tuple(self.index_to_physical(start)), self.direction.copy())
+
     def index_to_physical(self, zyx: np.ndarray) -> np.ndarray:
         """Map array indices ``(..., 3)`` in (z, y, x) order to LPS points ``(..., 3)`` (x, y, z) mm."""
         ijk = np.asarray(zyx, dtype=np.float64)[..., ::-1]
