@@ -199,3 +199,67 @@ def test_a_test_ct_that_cannot_be_aligned_is_still_scored(tmp_path, monkeypatch)
     assert set(planes) == set(test_ids)  # every test case stays in the study
     assert planes[test_ids[0]] is None and all(planes[c] is not None for c in test_ids[1:]), console.export_text()
     assert "grid centre" in console.export_text()
+
+
+def test_two_processes_share_a_study_by_claiming_runs(tmp_path, monkeypatch):
+    """A run held by another `sats ablation` is skipped, then waited for and read, not retrained."""
+    import threading
+
+    import sats.ablation as ablation
+    import sats.training as training
+    from rich.console import Console
+
+    from sats.ablation import run_ablation
+    from sats.run import claim
+
+    data = _tiny_with_test_split(tmp_path / "data")
+    out = tmp_path / "study"
+    trained = []
+
+    def fake_train(dataset, run, cfg, **kw):
+        trained.append(run.name)
+        (run / "model.pt").write_bytes(b"")
+
+    def fake_scores(run, dataset, planes, console, device):
+        return [{"case": "case_004", "dsc": 50.0 + len(run.name), "hd95": 3.0, "asd": 1.0, "nsd": 60.0}]
+
+    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(ablation, "_predict_and_score", fake_scores)
+    monkeypatch.setattr(ablation, "_test_planes", lambda *a: {})
+    held = out / "runs" / "sats-s0"
+    held.mkdir(parents=True)
+    got, release = threading.Event(), threading.Event()
+
+    def other_process():  # flock conflicts between two opens, in one process too
+        with claim(held / ".ablation.lock", wait=True):
+            got.set()
+            release.wait(30)
+            (held / "model.pt").write_bytes(b"")  # it finished the run
+
+    t = threading.Thread(target=other_process)
+    t.start()
+    got.wait(10)
+    threading.Timer(1.0, release.set).start()
+    console = Console(record=True, width=200)
+    settings = AblationSettings(dataset=str(data), variants=["unet", "sats"], seeds=[0, 1], epochs=2, iters_per_epoch=2,
+                                fold="all", align=False, patch_size=[16, 32, 32])
+    run_ablation(settings, out, console=console)
+    t.join()
+    assert sorted(trained) == ["sats-s1", "unet-s0", "unet-s1"]  # not the run the other one held
+    assert "sats-s0: taken by another" in console.export_text()
+    with open(out / "cases.csv") as fh:
+        assert {(r["variant"], r["seed"]) for r in csv.DictReader(fh)} == {("unet", "0"), ("unet", "1"), ("sats", "0"), ("sats", "1")}
+
+
+def test_semi_and_unsup_variants_are_also_paired_against_sats(tmp_path):
+    rows = _rows()
+    rows += [{**r, "variant": "sats-semi", "dsc": r["dsc"] + 1.0} for r in rows if r["variant"] == "sats"]
+    settings = AblationSettings(dataset="x", variants=["unet", "siamese", "sats", "sats-semi"], seeds=[0, 1],
+                                unlabelled="u")
+    write_outputs(tmp_path, settings, rows)
+    paired = json.loads((tmp_path / "summary.json").read_text())
+    assert set(paired["sats-semi"]) == {"unet", "siamese", "sats"} and set(paired["sats"]) == {"unet", "siamese"}
+    assert paired["sats-semi"]["sats"]["dsc"]["mean_diff"] == pytest.approx(1.0)
+    for m in ("hd95", "nsd"):  # the other metrics of the two arms are the same rows: no difference
+        assert paired["sats-semi"]["sats"][m]["mean_diff"] == 0.0
+    assert "## Paired against `sats`" in (tmp_path / "summary.md").read_text()

@@ -7,18 +7,21 @@ whole samples), optimiser and number of optimiser steps; only the branches, the 
 the margin loss and the schedule differ (:data:`VARIANTS`).
 
 Layout of ``DIR`` (every file is written atomically, so the study can be killed at any
-point and started again with the same command; finished runs are not retrained)::
+point and started again with the same command; finished runs are not retrained; two
+processes started on the same ``DIR`` share the runs between them)::
 
     ablation.json            the settings (a restart with other settings is refused)
     cache/                   preprocessed training cases, shared by every run
     test_planes.json         the mid-sagittal plane of each test CT, found once
-    runs/{variant}-s{seed}/  a RUN folder (sats predict -m), test/ predictions, metrics.csv
+    runs/{variant}-s{seed}/  a RUN folder (sats predict -m), test/ predictions, metrics.csv,
+                             .ablation.lock (held by the process working on the run)
     cases.csv                variant,seed,case,dsc,hd95,asd,nsd
     summary.md, summary.json per-variant means and paired differences
     ablation.png             paired per-case differences
 
 **Statistics.** Metrics are averaged over seeds per case first. Per variant: mean ± sd
-(ddof 1) over cases. Paired by case against ``unet`` and ``siamese``: the mean difference
+(ddof 1) over cases. Paired by case against ``unet`` and ``siamese`` (and ``sats-unsup``,
+``sats-semi`` against ``sats``, :data:`OWN_BASELINE`): the mean difference
 (variant minus baseline), its 95 % percentile bootstrap interval (10,000 resamples of
 cases, ``numpy.random.default_rng(0)``), and the two-sided Wilcoxon signed-rank p-value
 (``scipy.stats.wilcoxon``, zero differences dropped; 1.0 when every difference is zero).
@@ -38,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from sats.io import SatsError, atomic_path, write_text_atomic
+from sats.run import claim
 
 #: Options of :class:`sats.training.TrainConfig` that make each variant.
 VARIANTS: dict[str, dict] = {
@@ -54,6 +58,18 @@ VARIANTS: dict[str, dict] = {
 #: The study's default: the paper's Table 3 and the two baselines.
 PAPER_VARIANTS = ("unet", "siamese", "margin-no-head", "sats", "sats-joint")
 BASELINES = ("unet", "siamese")
+#: The variants that change only where the margin loss's region or data come from are
+#: also paired against the paper's method itself: that is their question.
+OWN_BASELINE = {"sats-unsup": "sats", "sats-semi": "sats"}
+
+
+def baselines_of(variant: str) -> tuple[str, ...]:
+    """What ``variant`` is paired against (where present): the two baselines, and ``sats``
+    for the variants of :data:`OWN_BASELINE`."""
+    return BASELINES + ((OWN_BASELINE[variant],) if variant in OWN_BASELINE else ())
+
+
+ALL_BASELINES = BASELINES + tuple(sorted(set(OWN_BASELINE.values())))
 METRICS = ("dsc", "hd95", "asd", "nsd")
 PAIRED = ("dsc", "hd95", "nsd")
 BOOTSTRAP = 10_000
@@ -154,7 +170,7 @@ def summarize_rows(rows: list[dict]) -> dict:
                 "n": int(len(finite)), "empty": int((~np.isfinite(vals)).sum()),
             }
     for v in means:
-        for b in BASELINES:
+        for b in baselines_of(v):
             if b in means and b != v:
                 out["paired"].setdefault(v, {})[b] = {m: paired(means[v], means[b], m) for m in PAIRED}
     return out
@@ -182,7 +198,7 @@ def summary_markdown(summary: dict, settings: AblationSettings, n_runs: dict[str
             cell = f"{_fmt(s[m]['mean'])} ± {_fmt(s[m]['sd'])}"
             cells.append(cell + (f" ({s[m]['empty']} empty)" if s[m]["empty"] else ""))
         lines.append(f"| {v} | {n_runs.get(v, 0)} | {max(s[m]['n'] + s[m]['empty'] for m in METRICS)} | " + " | ".join(cells) + " |")
-    for b in BASELINES:
+    for b in ALL_BASELINES:
         rows = [(v, summary["paired"][v][b]) for v in VARIANTS if b in summary["paired"].get(v, {})]
         if not rows:
             continue
@@ -205,11 +221,11 @@ def plot_paired(summary_rows: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     means = per_case_means(summary_rows)
-    baselines = [b for b in BASELINES if b in means]
+    baselines = [b for b in ALL_BASELINES if b in means and any(b in baselines_of(v) for v in means if v != b)]
     fig, axes = plt.subplots(1, max(1, len(baselines)), figsize=(6 * max(1, len(baselines)), 4.2), squeeze=False)
     rng = np.random.default_rng(0)
     for ax, b in zip(axes[0], baselines):
-        others = [v for v in VARIANTS if v in means and v != b]
+        others = [v for v in VARIANTS if v in means and v != b and b in baselines_of(v)]
         for i, v in enumerate(others):
             cases = sorted(set(means[v]) & set(means[b]))
             d = np.array([means[v][c]["dsc"] - means[b][c]["dsc"] for c in cases])
@@ -359,24 +375,38 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
     rows: list[dict] = []
     planes = None
     spent: list[float] = []
-    for i, (variant, seed) in enumerate(runs, 1):
-        run = out / "runs" / f"{variant}-s{seed}"
-        t0 = time.time()
-        if not _run_done(run):
-            cfg = variant_config(settings, variant, seed)
-            console.rule(f"run {i}/{len(runs)}: {variant}, seed {seed}")
-            train(dataset, run, cfg, resume=(run / "checkpoint.pt").exists(), cache=out / "cache", device=device, console=console)
-        if planes is None:
-            planes = _test_planes(dataset, out, variant_config(settings, variant, seed).align, console)
-        for r in _predict_and_score(run, dataset, planes, console, device):
-            rows.append({"variant": variant, "seed": seed, **{k: r[k] for k in ("case", *METRICS)}})
-        summary = write_outputs(out, settings, rows)
-        took = time.time() - t0
-        if took > 60:
-            spent.append(took)
-        left = (len(runs) - i) * (float(np.mean(spent)) if spent else 0.0)
-        dsc = summary["variants"][variant]["dsc"]["mean"]
-        console.print(f"[bold]run {i}/{len(runs)}[/] {variant}-s{seed}: test DSC {dsc:.2f} (seed-averaged so far); "
-                      f"{took / 60:.1f} min" + (f", about {left / 60:.0f} min left" if spent and i < len(runs) else ""),
-                      highlight=False)
+    # Several `sats ablation` processes (or machines sharing the folder) may work on one
+    # study: each claims a run while it trains, predicts and scores it, and leaves runs
+    # that another holds for later, when it waits for them and reads their scores.
+    todo, busy = list(enumerate(runs, 1)), []
+    for wait in (False, True):
+        for i, (variant, seed) in todo:
+            run = out / "runs" / f"{variant}-s{seed}"
+            run.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            with claim(run / ".ablation.lock", wait) as held:
+                if not held:
+                    console.print(f"{variant}-s{seed}: taken by another `sats ablation` on {out}; coming back to it",
+                                  highlight=False)
+                    busy.append((i, (variant, seed)))
+                    continue
+                if not _run_done(run):
+                    cfg = variant_config(settings, variant, seed)
+                    console.rule(f"run {i}/{len(runs)}: {variant}, seed {seed}")
+                    train(dataset, run, cfg, resume=(run / "checkpoint.pt").exists(), cache=out / "cache", device=device,
+                          console=console)
+                if planes is None:
+                    planes = _test_planes(dataset, out, variant_config(settings, variant, seed).align, console)
+                for r in _predict_and_score(run, dataset, planes, console, device):
+                    rows.append({"variant": variant, "seed": seed, **{k: r[k] for k in ("case", *METRICS)}})
+            summary = write_outputs(out, settings, rows)
+            took = time.time() - t0
+            if took > 60:
+                spent.append(took)
+            left = (len(runs) - i) * (float(np.mean(spent)) if spent else 0.0)
+            dsc = summary["variants"][variant]["dsc"]["mean"]
+            console.print(f"[bold]run {i}/{len(runs)}[/] {variant}-s{seed}: test DSC {dsc:.2f} (seed-averaged so far); "
+                          f"{took / 60:.1f} min" + (f", about {left / 60:.0f} min left" if spent and i < len(runs) else ""),
+                          highlight=False)
+        todo, busy = busy, []
     return summarize_rows(rows)

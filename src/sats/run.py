@@ -239,6 +239,22 @@ def lock_folder(path: str | os.PathLike) -> Iterator[None]:
             path.rmdir()
 
 
+@contextmanager
+def claim(path: str | os.PathLike, wait: bool) -> Iterator[bool]:
+    """Hold an advisory ``flock`` on the file ``path`` (created if missing) for the duration.
+
+    Yields True when held; with ``wait=False`` yields False at once when another open of the
+    file holds it. Released by the kernel when the process dies, so never stale.
+    """
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def read_config(path: Path) -> RunConfig:
     """Parse a RUN folder's ``config.json``; one SatsError naming it for anything wrong."""
     if not path.exists():
