@@ -386,6 +386,60 @@ def asymmetry(
     console.print(f"asymmetric region {ml:.1f} ml ({seconds:.1f} s) -> {output}" + (f", score -> {score}" if score else ""))
 
 
+@app.command()
+@user_errors
+def serve(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="RUN folder written by `sats train`."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Folder for received series, results and the job queue."),
+    ae_title: str = typer.Option("SATS", "--ae-title", help="This node's AE title."),
+    port: int = typer.Option(11112, "--port", min=1, max=65535, help="TCP port to listen on."),
+    host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    send_to: Optional[str] = typer.Option(None, "--send-to", help="Push each result by C-STORE to AE@HOST:PORT (the planning system)."),
+    fmt: str = typer.Option("rtstruct", "--format", help="rtstruct (RT Structure Set, ROI GTV) or seg (DICOM SEG)."),
+    workers: int = typer.Option(1, "--workers", min=1, max=8, help="Series predicted at once (one model in memory, shared)."),
+    allow: Optional[str] = typer.Option(None, "--allow", help="Comma-separated calling AE titles allowed to send; others are rejected at association."),
+    settle: float = typer.Option(10.0, "--settle", min=0.5, help="A series is complete this many seconds after its last instance (or when its association is released)."),
+    send_tries: int = typer.Option(5, "--send-tries", min=1, help="Tries to send a result (back-off 2 s, doubling) before the job is marked failed."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO or WARNING. Logs name UIDs, never patient names."),
+    status: Optional[Path] = typer.Option(None, "--status", help="Print the job queue of this store folder and exit."),
+    retry: Optional[Path] = typer.Option(None, "--retry", help="Queue this store folder's failed jobs again (send, or predict) and exit."),
+) -> None:
+    """Run a DICOM node: receive CT series (C-STORE), predict the GTV, send the RTSTRUCT back."""
+    from sats.serve import Destination, JobQueue, ServeOptions, setup_logging, status_table
+    from sats.serve import serve as run_node
+
+    if status is not None:
+        console.print(status_table(status))
+        return
+    if retry is not None:
+        if not (retry / "queue.sqlite").exists():
+            raise SatsError(f"{retry}: no job queue here (not a `sats serve --store` folder)")
+        queue = JobQueue(retry)
+        n = queue.retry_failed()
+        queue.close()
+        console.print(f"{n} failed job(s) queued again; a running node (or the next start) takes them")
+        return
+    if model is None or store is None:
+        raise SatsError("sats serve needs --model RUN and --store DIR (or --status DIR / --retry DIR)")
+    if fmt not in ("rtstruct", "seg"):
+        raise SatsError(f"--format {fmt!r}: use rtstruct or seg")
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING"):
+        raise SatsError(f"--log-level {log_level!r}: use DEBUG, INFO or WARNING")
+    import torch
+
+    titles = tuple(a.strip() for a in (allow or "").split(",") if a.strip())
+    options = ServeOptions(ae_title=ae_title, host=host, port=port, send_to=Destination.parse(send_to) if send_to else None,
+                           fmt=fmt, workers=workers, allow=titles, settle=settle, send_tries=send_tries,
+                           device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SatsError(f"{store}: cannot create the store folder ({exc.strerror})") from None
+    setup_logging(store, log_level)
+    run_node(model, store, options)
+
+
 @app.command("make-atlas")
 @user_errors
 def make_atlas_cmd(

@@ -1,0 +1,270 @@
+"""`sats serve`, the DICOM node: a real series over real DICOM networking on 127.0.0.1.
+
+The node runs as a subprocess (`python -m sats serve`), as in a department; pynetdicom's
+storage SCU stands in for the PACS and a storage SCP for the planning system.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import REPO
+
+pynetdicom = pytest.importorskip("pynetdicom")
+from pynetdicom import AE, StoragePresentationContexts, evt  # noqa: E402
+from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PlanningSystem:
+    """A storage SCP on 127.0.0.1 that keeps what it receives (the TPS or PACS)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.received: list[pydicom.Dataset] = []
+        ae = AE(ae_title="TPS")
+        ae.supported_contexts = StoragePresentationContexts
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(ds)
+        return 0x0000
+
+    def wait_for(self, n: int, timeout: float) -> list[pydicom.Dataset]:
+        deadline = time.time() + timeout
+        while len(self.received) < n and time.time() < deadline:
+            time.sleep(0.2)
+        return self.received
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def send_series(files: list[Path], port: int, calling: str = "PACS") -> list[int]:
+    """C-STORE the files in one association; the status of each."""
+    ae = AE(ae_title=calling)
+    for cx in (CTImageStorage, RTStructureSetStorage):
+        ae.add_requested_context(cx)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SATS")
+    assert assoc.is_established, "the node refused the association"
+    statuses = [int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in files]
+    assoc.release()
+    return statuses
+
+
+def echo(port: int, calling: str = "PACS") -> bool:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SATS")
+    if not assoc.is_established:
+        return False
+    ok = int(assoc.send_c_echo().Status) == 0
+    assoc.release()
+    return ok
+
+
+class Node:
+    """`sats serve` as a subprocess."""
+
+    def __init__(self, run: Path, store: Path, *args: str) -> None:
+        self.port = free_port()
+        self.cmd = [sys.executable, "-m", "sats", "serve", "-m", str(run), "--store", str(store), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--settle", "2", "--device", "cpu", *args]
+        self.store = store
+        self.start()
+
+    def start(self) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.log = open(self.store.parent / f"{self.store.name}.stderr", "ab")
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=self.log, stderr=self.log, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.output()
+            try:
+                if echo(self.port):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("the node did not answer C-ECHO: " + self.output())
+
+    def output(self) -> str:
+        return (self.store.parent / f"{self.store.name}.stderr").read_text(errors="replace")[-3000:]
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+        self.log.close()
+
+
+def jobs(store: Path) -> list[dict]:
+    from sats.serve import JobQueue
+
+    q = JobQueue(store)
+    try:
+        return q.rows()
+    finally:
+        q.close()
+
+
+def wait_state(store: Path, state: str, timeout: float, n: int = 1) -> list[dict]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = jobs(store) if (store / "queue.sqlite").exists() else []
+        if sum(r["state"] == state for r in rows) >= n:
+            return rows
+        time.sleep(0.3)
+    raise AssertionError(f"no job reached {state!r} in {timeout} s: {rows}")
+
+
+@pytest.fixture(scope="module")
+def lung_run(tiny_trained_run, tmp_path_factory):
+    """A RUN whose model marks about 0.5 % of the 4D-Lung CT (a tiny trained model, calibrated)."""
+    from conftest import _shared, predicting_run
+
+    from sats.dicom import read_dicom_series
+
+    ct = read_dicom_series(_shared("dicom/4d-lung") / "ct")
+    return predicting_run(tiny_trained_run[0], ct, tmp_path_factory.mktemp("serve") / "run", fraction=0.005)
+
+
+def _ct_files(lung_dicom: Path) -> list[Path]:
+    return sorted((lung_dicom / "ct").glob("*.dcm"))
+
+
+def test_a_series_sent_to_the_node_comes_back_as_the_rtstruct_of_sats_predict(lung_dicom, lung_run, tmp_path):
+    from sats.export import read_rtstruct_roi
+    from sats.inference import PredictOptions, predict_paths
+
+    tps = PlanningSystem()
+    node = Node(lung_run, tmp_path / "store", "--send-to", f"TPS@127.0.0.1:{tps.port}", "--allow", "PACS,OTHER")
+    try:
+        files = _ct_files(lung_dicom)
+        assert send_series(files, node.port) == [0] * len(files)
+        got = tps.wait_for(1, 180)
+        assert len(got) == 1, node.output()
+        rs = got[0]
+        ct0 = pydicom.dcmread(files[0], stop_before_pixels=True)
+        assert rs.Modality == "RTSTRUCT" and rs.StudyInstanceUID == ct0.StudyInstanceUID
+        assert rs.PatientID == ct0.PatientID and rs.FrameOfReferenceUID == ct0.FrameOfReferenceUID
+        ref = rs.ReferencedFrameOfReferenceSequence[0]
+        assert ref.FrameOfReferenceUID == ct0.FrameOfReferenceUID
+        series = ref.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+        assert series.SeriesInstanceUID == ct0.SeriesInstanceUID and len(series.ContourImageSequence) == len(files)
+        # The same mask as `sats predict --format rtstruct` on the same series.
+        rs.save_as(tmp_path / "from_node.dcm", enforce_file_format=True)
+        predict_paths(lung_dicom / "ct", tmp_path / "RS.dcm", lung_run, PredictOptions(fmt="rtstruct"))
+        theirs = read_rtstruct_roi(tmp_path / "from_node.dcm", lung_dicom / "ct", rs.StructureSetROISequence[0].ROIName)
+        ours = read_rtstruct_roi(tmp_path / "RS.dcm", lung_dicom / "ct", rs.StructureSetROISequence[0].ROIName)
+        assert ours.array.any() and np.array_equal(theirs.array, ours.array)
+        rows = wait_state(tmp_path / "store", "sent", 30)
+        assert rows[0]["instances"] == len(files) and rows[0]["calling_ae"] == "PACS"
+        # Every instance is on disk, by UID; the log names UIDs, not the patient.
+        stored = list((tmp_path / "store" / "incoming" / ct0.StudyInstanceUID / ct0.SeriesInstanceUID).glob("*.dcm"))
+        assert len(stored) == len(files)
+        log = (tmp_path / "store" / "serve.log").read_text()
+        assert ct0.SeriesInstanceUID in log and str(ct0.PatientName) not in log
+        # A caller not in --allow is rejected at association.
+        ae = AE(ae_title="INTRUDER")
+        ae.add_requested_context(Verification)
+        assert not ae.associate("127.0.0.1", node.port, ae_title="SATS").is_established
+    finally:
+        node.stop()
+        tps.stop()
+    status = subprocess.run([sys.executable, "-m", "sats", "serve", "--status", str(tmp_path / "store")], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "sent" in status.stdout, status.stdout + status.stderr
+
+
+def test_a_destination_that_is_down_fails_the_job_until_retry(lung_dicom, lung_run, tmp_path):
+    port = free_port()  # nobody listens here yet
+    node = Node(lung_run, tmp_path / "store", "--send-to", f"TPS@127.0.0.1:{port}", "--send-tries", "2")
+    tps = None
+    try:
+        send_series(_ct_files(lung_dicom), node.port)
+        rows = wait_state(tmp_path / "store", "failed", 240)
+        assert "failed after 2 tries" in rows[0]["reason"], rows
+        tps = PlanningSystem(port)
+        retry = subprocess.run([sys.executable, "-m", "sats", "serve", "--retry", str(tmp_path / "store")], cwd=REPO,
+                               capture_output=True, text=True, timeout=120)
+        assert retry.returncode == 0 and "1 failed job" in retry.stdout
+        assert len(tps.wait_for(1, 60)) == 1, node.output()
+        wait_state(tmp_path / "store", "sent", 30)
+    finally:
+        node.stop()
+        if tps:
+            tps.stop()
+
+
+def test_a_non_ct_series_fails_with_its_reason_and_the_next_is_served(lung_dicom, lung_run, tmp_path):
+    node = Node(lung_run, tmp_path / "store")
+    try:
+        assert send_series([lung_dicom / "rtstruct" / "1-1.dcm"], node.port) == [0]
+        rows = wait_state(tmp_path / "store", "failed", 60)
+        assert "CT" in rows[0]["reason"], rows
+        send_series(_ct_files(lung_dicom), node.port)
+        rows = wait_state(tmp_path / "store", "done", 180)
+        done = [r for r in rows if r["state"] == "done"][0]
+        assert Path(done["result"]).name == "RS.dcm" and pydicom.dcmread(done["result"]).Modality == "RTSTRUCT"
+    finally:
+        node.stop()
+
+
+def test_sigkill_during_prediction_loses_nothing_and_sends_once(lung_dicom, lung_run, tmp_path):
+    tps = PlanningSystem()
+    args = ("--send-to", f"TPS@127.0.0.1:{tps.port}")
+    node = Node(lung_run, tmp_path / "store", *args)
+    try:
+        files = _ct_files(lung_dicom)
+        # Killed during reception: half the series acknowledged, the node dies.
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="SATS")
+        for f in files[:40]:
+            assert int(assoc.send_c_store(pydicom.dcmread(f)).Status) == 0
+        node.kill()
+        assoc.abort()
+        node.start()  # the PACS sends the whole series again, as it does after a failure
+        send_series(files, node.port)
+        wait_state(tmp_path / "store", "predicting", 60)
+        node.kill()  # killed during prediction
+        for f in (tmp_path / "store" / "outgoing").rglob("*.dcm"):  # nothing half-written
+            pydicom.dcmread(f)
+        assert not tps.received and not list((tmp_path / "store").rglob(".*.tmp*"))
+        node.start()
+        got = tps.wait_for(1, 180)
+        wait_state(tmp_path / "store", "sent", 30)
+        time.sleep(2)
+        assert len(got) == 1 and len(tps.received) == 1, node.output()  # sent once
+        rows = jobs(tmp_path / "store")
+        assert len(rows) == 1 and rows[0]["state"] == "sent"
+        stored = list((tmp_path / "store" / "incoming").rglob("*.dcm"))
+        assert len(stored) == len(files) and not list((tmp_path / "store").rglob(".*.tmp*"))
+    finally:
+        node.stop()
+        tps.stop()
