@@ -399,3 +399,77 @@ def test_predict_dicom_formats_fail_cleanly(tiny_dicom_run, tmp_path) -> None:
         r = runner.invoke(app, ["predict", "-m", str(run_dir), *args])
         assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, (args, r.output)
     assert not any(p.suffix == ".dcm" for p in tmp_path.iterdir())
+
+
+def ragged_square(shape: tuple[int, int]) -> np.ndarray:
+    """A square of 490 pixels with a ragged edge (as a noisy prediction has) and a hole, one
+    region: its outline has about 7,000 vertices, some 90 kB of ContourData."""
+    from scipy import ndimage
+
+    r, c = np.mgrid[: shape[0], : shape[1]]
+    noise = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=shape), 1.0)
+    big = np.maximum(np.abs(r - 256), np.abs(c - 256)) < 245 + 6 * noise / noise.std()
+    labels, _ = ndimage.label(big)
+    big = ndimage.binary_fill_holes(labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    big[200:260, 100:160] = False
+    return big
+
+
+def test_a_large_structure_is_written_without_vr_un_and_comes_back_voxel_for_voxel(lung_dicom, tmp_path) -> None:
+    """A slice-filling structure's staircase contour is longer than DS's 64 kB: it is written as
+    row bands that each fit, never as VR UN, and rasterises back to the same pixels."""
+    import warnings
+
+    from sats.export import MAX_CONTOUR_BYTES
+
+    ct_dir = lung_dicom / "ct"
+    ct = read_dicom_series(ct_dir)
+    big = ragged_square(ct.shape[1:])
+    mask = np.zeros(ct.shape, np.uint8)
+    mask[40] = big
+    mask[70, 100:120, 100:140] = 1  # and a small one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom warns when it falls back to VR UN
+        write_rtstruct(ct.with_array(mask), ct_dir, tmp_path / "RS.dcm")
+    raw = pydicom.dcmread(tmp_path / "RS.dcm")
+    items = raw.ROIContourSequence[0].ContourSequence
+    lengths = [len("\\".join(str(v) for v in it["ContourData"].value)) for it in items]
+    assert all(it["ContourData"].VR == "DS" for it in items) and max(lengths) <= MAX_CONTOUR_BYTES
+    assert max(lengths) > MAX_CONTOUR_BYTES // 4  # the split keeps contours large, it does not shred them
+    on_40 = [it for it in items if it.ContourImageSequence[0].ReferencedSOPInstanceUID
+             == load_ct_reference(ct_dir).slices[40].sop_instance_uid]
+    assert 3 <= len(on_40) <= 5  # two or three bands (and the hole), not rows
+    np.testing.assert_array_equal(read_rtstruct_roi(tmp_path / "RS.dcm", ct_dir, "GTVp").array, mask)
+
+
+def _dciodvfy() -> str:
+    import os
+
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        if os.environ.get("SATS_REQUIRE_DICOM_TOOLS") == "1":
+            pytest.fail("dciodvfy (Debian dicom3tools) is missing and SATS_REQUIRE_DICOM_TOOLS=1")
+        pytest.skip("dciodvfy (Debian dicom3tools) not installed")
+    return tool
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_dciodvfy_finds_no_error_in_the_rtstruct_and_seg(lung_dicom, tmp_path, size) -> None:
+    import subprocess
+
+    tool = _dciodvfy()
+    ct_dir = lung_dicom / "ct"
+    ct = read_dicom_series(ct_dir)
+    mask = np.zeros(ct.shape, np.uint8)
+    if size == "small":
+        mask[50:53, 240:250, 250:262] = 1
+    else:  # contours past the 64 kB of one DS element, split into bands
+        mask[40:43] = ragged_square(ct.shape[1:])
+    write_rtstruct(ct.with_array(mask), ct_dir, tmp_path / "RS.dcm")
+    write_seg(ct.with_array(mask), ct_dir, tmp_path / "SEG.dcm")
+    for name in ("RS.dcm", "SEG.dcm"):
+        out = subprocess.run([tool, str(tmp_path / name)], capture_output=True, text=True, timeout=300)
+        report = out.stdout + out.stderr
+        errors = [line for line in report.splitlines() if line.startswith("Error")]
+        assert not errors, f"{name}:\n" + "\n".join(errors[:20])
+        assert ("RTStructureSet" if name == "RS.dcm" else "Segmentation") in report  # it did check the IOD

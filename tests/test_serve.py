@@ -85,8 +85,8 @@ def echo(port: int, calling: str = "PACS") -> bool:
 class Node:
     """`sats serve` as a subprocess."""
 
-    def __init__(self, run: Path, store: Path, *args: str) -> None:
-        self.port = free_port()
+    def __init__(self, run: Path, store: Path, *args: str, caller: str = "PACS") -> None:
+        self.port, self.caller = free_port(), caller  # caller: an AE title the node lets in
         self.cmd = [sys.executable, "-m", "sats", "serve", "-m", str(run), "--store", str(store), "--host", "127.0.0.1",
                     "--port", str(self.port), "--settle", "2", "--device", "cpu", *args]
         self.store = store
@@ -100,7 +100,7 @@ class Node:
         while time.time() < deadline:
             assert self.proc.poll() is None, self.output()
             try:
-                if echo(self.port):
+                if echo(self.port, self.caller):
                     return
             except Exception:
                 pass
@@ -268,3 +268,79 @@ def test_sigkill_during_prediction_loses_nothing_and_sends_once(lung_dicom, lung
     finally:
         node.stop()
         tps.stop()
+
+
+def _orthanc() -> str:
+    import shutil
+
+    tool = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
+    if tool is None:
+        if os.environ.get("SATS_REQUIRE_DICOM_TOOLS") == "1":
+            pytest.fail("Orthanc (Debian package orthanc) is missing and SATS_REQUIRE_DICOM_TOOLS=1")
+        pytest.skip("Orthanc (Debian package orthanc) not installed")
+    return tool
+
+
+def _rest(port: int, path: str, data: bytes | None = None, method: str | None = None):
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method or ("POST" if data is not None else "GET"))
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        body = resp.read()
+    return json.loads(body) if body else None
+
+
+def test_round_trip_through_orthanc_as_the_pacs(lung_dicom, lung_run, tmp_path):
+    """The CT is uploaded to Orthanc; Orthanc sends it to the node (C-STORE); the RTSTRUCT comes
+    back to Orthanc, whose REST API shows it in the same study."""
+    import json
+
+    orthanc = _orthanc()
+    dicom_port, http_port = free_port(), free_port()
+    node = Node(lung_run, tmp_path / "store", "--send-to", f"ORTHANC@127.0.0.1:{dicom_port}", "--allow", "ORTHANC",
+                caller="ORTHANC")
+    config = {"Name": "sats-test", "StorageDirectory": str(tmp_path / "orthanc-db"), "IndexDirectory": str(tmp_path / "orthanc-db"),
+              "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "DicomServerEnabled": True, "Plugins": [],
+              "DicomModalities": {"sats": ["SATS", "127.0.0.1", node.port]}}
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    server = subprocess.Popen([orthanc, str(tmp_path / "orthanc.json")], stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "orthanc.log", "wb"), start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                _rest(http_port, "/system")
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "orthanc.log").read_text()[-2000:]
+                time.sleep(0.3)
+        for f in _ct_files(lung_dicom):
+            _rest(http_port, "/instances", f.read_bytes())
+        (study,) = _rest(http_port, "/studies")
+        (series,) = _rest(http_port, f"/studies/{study}/series")
+        _rest(http_port, "/modalities/sats/store", json.dumps({"Resources": [series["ID"]], "Synchronous": True}).encode())
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            modalities = {s["MainDicomTags"].get("Modality") for s in _rest(http_port, f"/studies/{study}/series")}
+            if "RTSTRUCT" in modalities:
+                break
+            time.sleep(1)
+        assert "RTSTRUCT" in modalities, node.output()
+        (rt,) = [s for s in _rest(http_port, f"/studies/{study}/series") if s["MainDicomTags"].get("Modality") == "RTSTRUCT"]
+        rs = pydicom.dcmread(__import__("io").BytesIO(urllib_get(http_port, f"/instances/{rt['Instances'][0]}/file")))
+        ref = rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+        assert ref.SeriesInstanceUID == series["MainDicomTags"]["SeriesInstanceUID"]
+        wait_state(tmp_path / "store", "sent", 30)
+    finally:
+        node.stop()
+        server.terminate()
+        server.wait(30)
+
+
+def urllib_get(port: int, path: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=60) as resp:
+        return resp.read()

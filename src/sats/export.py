@@ -333,21 +333,50 @@ def _referenced_frame(ct: CtReference, frame_uid: str) -> Dataset:
     return ref_frame
 
 
+#: Longest ContourData value (bytes): DS in explicit VR little endian has a 16-bit length;
+#: longer, pydicom writes it as VR UN, which planning systems may refuse.
+MAX_CONTOUR_BYTES = 65534
+
+
+def _encoded_bytes(values: list[str]) -> int:
+    n = sum(map(len, values)) + max(len(values) - 1, 0)  # backslash-separated
+    return n + n % 2  # padded to even length
+
+
+def slice_contour_data(mask2d: np.ndarray, s: DicomSlice, limit: int = MAX_CONTOUR_BYTES) -> list[list[str]]:
+    """ContourData (DS strings, x y z per vertex) of one slice's closed contours, each at most
+    ``limit`` bytes. A contour that is longer is not cut (a cut polygon encloses something
+    else): the slice's rows are split into two bands and each band is contoured on its own,
+    again until every contour fits. Bands meet along a pixel edge, so their contours are
+    disjoint and even-odd filling gives back exactly the slice's pixels.
+    """
+    def band(r0: int, r1: int) -> list[list[str]]:
+        out = []
+        for rc in slice_contours(mask2d[r0:r1]):
+            values = _ds(pixel_to_patient(rc + np.array([r0, 0.0]), s))
+            if _encoded_bytes(values) > limit and r1 - r0 > 1:
+                mid = (r0 + r1) // 2
+                return band(r0, mid) + band(mid, r1)
+            out.append(values)
+        return out
+
+    return band(0, mask2d.shape[0])
+
+
 def _roi_contour(mask: np.ndarray, ct: CtReference, color: tuple[int, int, int]) -> Dataset:
     """The ROI Contour item: closed planar contours of ``mask``, slice by slice."""
     contours = Sequence()
     for k, s in enumerate(ct.slices):  # array axis 0 = slice k = this DICOM instance
-        for rc in slice_contours(mask[k]):  # (row, column) = array axes 1, 2
-            points = pixel_to_patient(rc, s)
+        for values in slice_contour_data(mask[k], s):  # rows, columns = array axes 1, 2
             image = Dataset()
             image.ReferencedSOPClassUID = s.sop_class_uid or ct.header.SOPClassUID
             image.ReferencedSOPInstanceUID = s.sop_instance_uid
             contour = Dataset()
             contour.ContourImageSequence = Sequence([image])
             contour.ContourGeometricType = "CLOSED_PLANAR"
-            contour.NumberOfContourPoints = len(points)
+            contour.NumberOfContourPoints = len(values) // 3
             contour.ContourNumber = len(contours) + 1
-            contour.ContourData = _ds(points)
+            contour.ContourData = values
             contours.append(contour)
     roi_contour = Dataset()
     roi_contour.ROIDisplayColor = [int(c) for c in color]
