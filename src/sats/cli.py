@@ -406,7 +406,7 @@ def serve(
     retry: Optional[Path] = typer.Option(None, "--retry", help="Queue this store folder's failed jobs again (send, or predict) and exit."),
 ) -> None:
     """Run a DICOM node: receive CT series (C-STORE), predict the GTV, send the RTSTRUCT back."""
-    from sats.serve import Destination, JobQueue, ServeOptions, setup_logging, status_table
+    from sats.serve import Destination, JobQueue, ServeOptions, status_table
     from sats.serve import serve as run_node
 
     if status is not None:
@@ -432,12 +432,7 @@ def serve(
     options = ServeOptions(ae_title=ae_title, host=host, port=port, send_to=Destination.parse(send_to) if send_to else None,
                            fmt=fmt, workers=workers, allow=titles, settle=settle, send_tries=send_tries,
                            device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        store.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SatsError(f"{store}: cannot create the store folder ({exc.strerror})") from None
-    setup_logging(store, log_level)
-    run_node(model, store, options)
+    run_node(model, store, options, log_level)
 
 
 @app.command("make-atlas")

@@ -281,10 +281,10 @@ class Node:
     def __init__(self, run_dir: Path, store: Path, options: ServeOptions) -> None:
         from sats.inference import PredictOptions, load_run
 
+        self.run = load_run(Path(run_dir), options.device)  # one model, shared by the workers; first: a bad RUN leaves no store
         self.store, self.opt = Path(store).resolve(), options
         self.queue = JobQueue(self.store)
         self.receiver = Receiver(self.store, self.queue)
-        self.run = load_run(Path(run_dir), options.device)  # one model, shared by the workers
         self.predict_options = PredictOptions(device=options.device, fmt=options.fmt)  # type: ignore[arg-type]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -298,12 +298,14 @@ class Node:
         out_dir = self.store / "outgoing" / study / series
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = output_paths(out_dir / ("RS.dcm" if self.opt.fmt == "rtstruct" else "SEG.dcm"), "GTV", True, self.opt.fmt)
+        t0 = time.time()
         ct, pre = read_and_preprocess(self.run, folder, self.predict_options)
         roi = roi_for(self.run, ct, pre, self.predict_options)
         pred = predict_case(self.run, ct, pre, self.predict_options, region=roi)
         write_outputs(pred, folder, paths, "GTV", self.predict_options)
         ml = float(pred.mask.array.sum()) * pred.mask.voxel_volume_ml
-        log.info("series %s: predicted %.1f ml in %.1f s -> %s", series, ml, pred.seconds, paths["mask"].relative_to(self.store))
+        log.info("series %s: %d slices read and predicted (%.1f ml GTV) in %.1f s -> %s", series, ct.shape[0], ml,
+                 time.time() - t0, paths["mask"].relative_to(self.store))
         return paths["mask"]
 
     def _predict_loop(self) -> None:
@@ -412,11 +414,12 @@ def send_file(path: Path, dest: Destination, calling_ae: str, timeout: float = 3
         raise SatsError(f"C-STORE status {hex(int(status.Status)) if status else 'none (connection lost)'}")
 
 
-def serve(run_dir: Path, store: Path, options: ServeOptions) -> None:
+def serve(run_dir: Path, store: Path, options: ServeOptions, log_level: str = "INFO") -> None:
     """Run a node until SIGINT or SIGTERM."""
     import signal
 
     node = Node(run_dir, store, options)
+    setup_logging(node.store, log_level)
     node.start()
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
