@@ -437,6 +437,22 @@ def test_disk_full_while_writing_the_ablation_csv(tmp_path, monkeypatch) -> None
     full.check()
 
 
+def test_a_ct_slice_with_short_pixel_data_is_refused_naming_it(dicom_case) -> None:
+    """Well-formed DICOM whose PixelData cannot fill Rows x Columns: GDCM would decode it
+    into something; the reader refuses it, naming the slice."""
+    import pydicom
+
+    from sats.dicom import read_dicom_series
+
+    ct_dir, _ = dicom_case
+    victim = sorted(ct_dir.glob("*.dcm"))[1]
+    ds = pydicom.dcmread(victim)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    ds.save_as(victim)
+    with pytest.raises(SatsError, match=rf"{victim.name}: damaged CT slice \(pixel data of 144 bytes, 288 needed"):
+        read_dicom_series(ct_dir)
+
+
 # --- 3. damaged RUN-folder files ----------------------------------------------------------------------
 
 

@@ -221,12 +221,28 @@ def test_a_destination_that_is_down_fails_the_job_until_retry(lung_dicom, lung_r
             tps.stop()
 
 
-def test_a_non_ct_series_fails_with_its_reason_and_the_next_is_served(lung_dicom, lung_run, tmp_path):
+def test_a_non_ct_or_corrupted_series_fails_with_its_reason_and_the_next_is_served(lung_dicom, lung_run, tmp_path):
     node = Node(lung_run, tmp_path / "store")
     try:
         assert send_series([lung_dicom / "rtstruct" / "1-1.dcm"], node.port) == [0]
         rows = wait_state(tmp_path / "store", "failed", 60)
         assert "CT" in rows[0]["reason"], rows
+        # A CT series with a corrupted instance (its pixel data cut short) fails too.
+        from pydicom.uid import generate_uid
+
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        uid = generate_uid()
+        for i, f in enumerate(_ct_files(lung_dicom)[:20]):
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
+            if i == 7:
+                ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+            ds.save_as(broken / f"{i:03d}.dcm")
+        send_series(sorted(broken.glob("*.dcm")), node.port)
+        rows = wait_state(tmp_path / "store", "failed", 60, n=2)
+        (bad,) = [r for r in rows if r["series_uid"] == uid]
+        assert bad["reason"], rows
         send_series(_ct_files(lung_dicom), node.port)
         rows = wait_state(tmp_path / "store", "done", 180)
         done = [r for r in rows if r["state"] == "done"][0]

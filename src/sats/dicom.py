@@ -87,6 +87,9 @@ def scan_folder(folder: Path) -> dict[str, DicomSeries]:
             missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns", "PixelData") if k not in ds]
             if missing:
                 raise SatsError(f"{path}: truncated or damaged CT slice (no {', '.join(missing)})")
+            short = _short_pixel_data(ds)
+            if short:
+                raise SatsError(f"{path}: damaged CT slice ({short})")
         entry = series.setdefault(uid, DicomSeries(uid, modality, description, []))
         if not is_slice:
             continue  # not an image slice (RTSTRUCT, SR, ...)
@@ -107,6 +110,22 @@ def truncated_element(ds: pydicom.Dataset, path: Path) -> str | None:
         if tell is not None and length is not None and length != 0xFFFFFFFF and tell + length > size:
             return keyword_for_tag(elem.tag) or str(elem.tag)
     return None
+
+
+def _short_pixel_data(ds: pydicom.Dataset) -> str | None:
+    """Why the (uncompressed) pixel data cannot fill Rows x Columns, or None. A file can be
+    well-formed with a PixelData element that is too short; GDCM would decode it anyway."""
+    ts = (ds.get("file_meta") or {}).get("TransferSyntaxUID")
+    if ts is None or pydicom.uid.UID(str(ts)).is_compressed:
+        return None
+    try:
+        need = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.get("BitsAllocated", 16) or 16) // 8
+        elem = ds.get_item(0x7FE00010, keep_deferred=True)
+        have = getattr(elem, "length", None)  # raw: its length, the value unread
+        have = int(have) if have is not None else len(elem.value or b"")  # already converted
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None  # _slice_header reports bad geometry
+    return None if have >= need else f"pixel data of {have} bytes, {need} needed for {int(ds.Rows)} x {int(ds.Columns)} pixels"
 
 
 def _reason(exc: Exception) -> str:
