@@ -97,6 +97,11 @@ def test_variants_are_the_table_3_rows_and_the_baselines():
     assert not cfgs["margin-no-head"].projection_head and cfgs["margin-no-head"].margin_loss
     assert cfgs["sats"].projection_head and cfgs["sats"].margin_loss and cfgs["sats"].schedule == "two-stage"
     assert cfgs["sats-joint"].schedule == "joint" and cfgs["sats-joint"].stage(0) == "joint"
+    semi = AblationSettings(dataset="x", variants=["sats-semi-joint"], unlabelled="u")
+    assert variant_config(semi, "sats-semi-joint", 7).unlabelled == "u" and variant_config(semi, "sats-semi-joint", 7).schedule == "joint"
+    assert cfgs["sats-semi-joint"].unlabelled is None  # only with --unlabelled
+    with pytest.raises(SatsError, match="sats-semi-joint variant"):
+        AblationSettings(dataset="x", variants=["sats-semi-joint"])
     # Equal budget: the same epochs, iterations, batch, patch and seed for every variant.
     budget = {(c.total_epochs, c.iters_per_epoch, c.batch_size, c.patch_size, c.seed) for c in cfgs.values()}
     assert budget == {(10, 3, 2, (24, 80, 80), 7)}

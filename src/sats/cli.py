@@ -259,11 +259,12 @@ def ablation(
     patch_size: Optional[tuple[int, int, int]] = typer.Option(None, "--patch-size", help="Patch D H W voxels."),
     no_align: bool = typer.Option(False, "--no-align", help="Skip the mid-sagittal alignment (mirror about the grid centre)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled CTs for the sats-semi variant."),
+    unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled CTs for the sats-semi and sats-semi-joint variants."),
 ) -> None:
     """Train, predict and evaluate each variant x seed; paired statistics against unet and siamese.
     Variants: unet, siamese, margin-no-head, sats, sats-joint (the default set), and sats-unsup
-    (margin-loss region from registration, no label), sats-semi (plus --unlabelled CTs)."""
+    (margin-loss region from registration, no label), sats-semi and sats-semi-joint (plus --unlabelled CTs;
+    paired against sats and sats-joint too)."""
     from sats.ablation import AblationSettings, run_ablation
 
     settings = AblationSettings(
