@@ -402,7 +402,7 @@ def serve(
     settle: float = typer.Option(10.0, "--settle", min=0.5, help="A series is complete this many seconds after its last instance (or when its association is released)."),
     send_tries: int = typer.Option(5, "--send-tries", min=1, help="Tries to send a result (back-off 2 s, doubling) before the job is marked failed."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO or WARNING. Logs name UIDs, never patient names."),
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO or WARNING. Logs name UIDs; only DEBUG adds patient IDs, never names."),
     status: Optional[Path] = typer.Option(None, "--status", help="Print the job queue of this store folder and exit."),
     retry: Optional[Path] = typer.Option(None, "--retry", help="Queue this store folder's failed jobs again (send, or predict) and exit."),
 ) -> None:

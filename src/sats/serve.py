@@ -12,7 +12,7 @@ nothing that was acknowledged and never sends a half-written object::
                                                            atomically before its C-STORE response
     outgoing/<StudyUID>/<SeriesUID>/RS.dcm (or SEG.dcm)    the result, written atomically
     queue.sqlite                                           the job queue (SQLite, WAL)
-    serve.log                                              the log (UIDs, never patient names)
+    serve.log                                              the log (UIDs; patient IDs only at DEBUG)
 
 A job is one series. Its states::
 
@@ -228,6 +228,8 @@ class Receiver:
             return OUT_OF_RESOURCES
         with self._lock:
             self._series_of.setdefault(id(event.assoc), set()).add(series)
+        if log.isEnabledFor(logging.DEBUG):  # patient data only where the log level asks for it
+            log.debug("series %s: instance %s from %s (patient ID %s)", series, sop, calling, ds.get("PatientID", "?"))
         return SUCCESS
 
     def on_released(self, event) -> None:
