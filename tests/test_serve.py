@@ -222,7 +222,7 @@ def test_a_destination_that_is_down_fails_the_job_until_retry(lung_dicom, lung_r
 
 
 def test_a_non_ct_or_corrupted_series_fails_with_its_reason_and_the_next_is_served(lung_dicom, lung_run, tmp_path):
-    node = Node(lung_run, tmp_path / "store")
+    node = Node(lung_run, tmp_path / "store", "--format", "seg")  # and DICOM SEG instead of RTSTRUCT
     try:
         assert send_series([lung_dicom / "rtstruct" / "1-1.dcm"], node.port) == [0]
         rows = wait_state(tmp_path / "store", "failed", 60)
@@ -246,7 +246,9 @@ def test_a_non_ct_or_corrupted_series_fails_with_its_reason_and_the_next_is_serv
         send_series(_ct_files(lung_dicom), node.port)
         rows = wait_state(tmp_path / "store", "done", 180)
         done = [r for r in rows if r["state"] == "done"][0]
-        assert Path(done["result"]).name == "RS.dcm" and pydicom.dcmread(done["result"]).Modality == "RTSTRUCT"
+        seg = pydicom.dcmread(done["result"])
+        assert Path(done["result"]).name == "SEG.dcm" and seg.Modality == "SEG"
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == done["series_uid"]
     finally:
         node.stop()
 
