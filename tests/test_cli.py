@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from sats.cli import app
 
-COMMANDS = {"phantom", "check", "evaluate", "summary", "train", "predict", "rtstruct", "align", "make-atlas", "demo", "ablation", "asymmetry"}
+COMMANDS = {"phantom", "check", "evaluate", "summary", "train", "predict", "rtstruct", "align", "make-atlas", "demo", "ablation", "asymmetry", "serve"}
 
 
 def test_every_command_is_registered() -> None:

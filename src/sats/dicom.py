@@ -116,7 +116,10 @@ def _short_pixel_data(ds: pydicom.Dataset) -> str | None:
     """Why the (uncompressed) pixel data cannot fill Rows x Columns, or None. A file can be
     well-formed with a PixelData element that is too short; GDCM would decode it anyway."""
     ts = (ds.get("file_meta") or {}).get("TransferSyntaxUID")
-    if ts is None or pydicom.uid.UID(str(ts)).is_compressed:
+    try:
+        if ts is None or pydicom.uid.UID(str(ts)).is_compressed:
+            return None
+    except ValueError:  # not a transfer syntax at all: GDCM will refuse the file, with its reason
         return None
     try:
         need = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.get("BitsAllocated", 16) or 16) // 8
