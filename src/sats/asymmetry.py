@@ -123,15 +123,19 @@ MIN_REGION_VOX = (32, 32, 32)
 def analysis_region(pre: Preprocessed, config: AsymmetryConfig | None = None, widen_mm: float = 0.0) -> tuple[slice, slice, slice]:
     """The box of the symmetric grid that is scored, (z, y, x) slices, symmetric about the
     central x plane (x = left-right), so that the mirror of the crop is the crop of the mirror."""
+    return _regions(pre, config or AsymmetryConfig(), (widen_mm,))[0]
+
+
+def _regions(pre: Preprocessed, cfg: AsymmetryConfig, widths_mm: tuple[float, ...]) -> list[tuple[slice, slice, slice]]:
+    """:func:`analysis_region` widened by each of ``widths_mm``; the landmarks are found once."""
     from sats.roi import box_to_roi, landmark_box
 
-    cfg = config or AsymmetryConfig()
     if cfg.region == "body":
-        return tuple(slice(0, n) for n in pre.grid.shape)  # type: ignore[return-value]
+        return [tuple(slice(0, n) for n in pre.grid.shape)] * len(widths_mm)  # type: ignore[list-item]
     if cfg.region != "nasopharynx":
         raise SatsError(f"unknown asymmetry region {cfg.region!r} (use 'nasopharynx' or 'body')")
     lo, hi, _ = landmark_box(pre.grid, pre)  # pre.grid is in HU here: it stands in for the CT
-    return box_to_roi(lo - widen_mm, hi + widen_mm, pre.grid, MIN_REGION_VOX, "asymmetry").slices
+    return [box_to_roi(lo - w, hi + w, pre.grid, MIN_REGION_VOX, "asymmetry").slices for w in widths_mm]
 
 
 def asymmetry_cues(pre: Preprocessed, config: AsymmetryConfig | None = None) -> Cues:
@@ -146,7 +150,7 @@ def asymmetry_cues(pre: Preprocessed, config: AsymmetryConfig | None = None) -> 
         ``inner`` is False.
     """
     cfg = config or AsymmetryConfig()
-    box, outer = analysis_region(pre, cfg), analysis_region(pre, cfg, cfg.context_mm)
+    box, outer = _regions(pre, cfg, (0.0, cfg.context_mm))
     crop = _crop_cues(pre.grid.crop(outer), cfg)
     full = Cues(*(np.zeros(pre.grid.shape, a.dtype) for a in (crop.residual, crop.log_jacobian, crop.inner)),
                 tuple(pre.grid.spacing))
