@@ -47,7 +47,7 @@ def main() -> None:
 
         plane = estimate_plane(ct, device=device).plane
         lap("plane")
-        pre = preprocess(ct, run.spacing, run.stats, plane=plane)
+        pre = preprocess(ct, run.spacing, run.stats, plane=plane, device=str(device) if device.type == "cuda" else None)
         lap("to grid")
         roi = roi_for(run, ct, pre, opt)
         lap("roi")

@@ -4,7 +4,11 @@ Prints iterations/s and peak memory for each stage. Meant for a GPU machine with
 paper preset (patch 56x192x192, batch 2, 30.7 M parameters); runs on CPU too.
 
     python bench/train_speed.py --preset paper --device cuda --iters 20
-    python bench/train_speed.py --preset cpu --device cpu --iters 5
+    python bench/train_speed.py --preset cpu --device cpu --iters 5 --amp     # as sats train on CPU now
+    python bench/train_speed.py --preset cpu --device cpu --iters 5 --plain   # as before (fp32, default layout)
+
+``--amp`` is bf16 autocast where ``sats train`` would use it (CUDA, or a CPU with native
+bf16), else fp32.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from sats.losses import SegmentationLoss
 from sats.network import SATsNet, count_parameters, plan_network
 from sats.config import preset
-from sats.training import prepare_model, stage_optimizer, train_step
+from sats.training import prepare_model, stage_optimizer, train_step, uses_bf16
 
 
 def main() -> None:
@@ -26,7 +30,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast (the default on CUDA in sats train)")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast where sats train uses it (its default)")
     ap.add_argument("--plain", action="store_true", help="as before the speed work: default layout, no cuDNN autotune, unfused optimiser")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder-decoder")
     args = ap.parse_args()
@@ -34,6 +38,8 @@ def main() -> None:
     dev = torch.device(args.device)
     plan = plan_network(cfg.patch_size, cfg.spacing or (3.0, 1.0, 1.0), cfg.base_features, cfg.max_features)
     model = SATsNet(plan).to(dev) if args.plain else prepare_model(SATsNet(plan), dev, args.amp, args.compile)  # as sats train does
+    bf16 = uses_bf16(args.amp, dev)
+    layout = "channels-last" if model.encoder_decoder.unet.input_block.conv2.conv.weight.is_contiguous(memory_format=torch.channels_last_3d) else "default"
     seg_loss = SegmentationLoss()
     b = cfg.batch_size
     x = torch.randn(b, 1, *cfg.patch_size, device=dev)
@@ -41,7 +47,7 @@ def main() -> None:
     d, h, w = cfg.patch_size
     s[:, :, d // 4 : d // 2, h // 4 : h // 2, w // 4 : w // 2] = 1
     print(f"preset {cfg.preset}, patch {cfg.patch_size}, batch {b} (x2 Siamese), {count_parameters(model.encoder_decoder):,} parameters, "
-          f"device {dev}{' ' + torch.cuda.get_device_name(dev) if dev.type == 'cuda' else ''}, amp {args.amp}, "
+          f"device {dev}{' ' + torch.cuda.get_device_name(dev) if dev.type == 'cuda' else ''}, {'bf16' if bf16 else 'fp32'}, {layout} layout, "
           f"{'plain' if args.plain else 'prepared'}{', compiled' if args.compile else ''}")
     print(f"{'stage':>5} {'it/s':>8} {'s/it':>8} {'peak GiB':>9}")
     for stage in ("1", "2"):
@@ -53,7 +59,7 @@ def main() -> None:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 t0 = time.perf_counter()
-            train_step(model, x, s, cfg, stage, opt, seg_loss, use_amp=args.amp)  # the step sats train runs
+            train_step(model, x, s, cfg, stage, opt, seg_loss, use_amp=bf16)  # the step sats train runs
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = (time.perf_counter() - t0) / args.iters

@@ -89,3 +89,14 @@ def test_resume_refuses_an_incompatible_run(tmp_path) -> None:
     (run / "config.json").write_text(json.dumps({"format": 999, "train": {}}))
     r = CliRunner().invoke(app, ["train", str(data), "--out", str(run), "--resume"])
     assert r.exit_code == 1 and "incompatible" in r.output
+
+
+def test_train_fp32_flag_turns_bf16_autocast_off(tmp_path, monkeypatch) -> None:
+    import sats.training as training
+
+    seen = []
+    monkeypatch.setattr(training, "train", lambda dataset, out, cfg, **kw: seen.append(cfg.amp))
+    for extra in ([], ["--fp32"]):
+        r = CliRunner().invoke(app, ["train", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", "cpu", *extra])
+        assert r.exit_code == 0, r.output
+    assert seen == [True, False]

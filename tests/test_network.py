@@ -68,3 +68,36 @@ def test_projection_head_layers() -> None:
     convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv3d)]
     assert len(convs) == 3 and all(c.kernel_size == (1, 1, 1) and c.out_channels == 16 for c in convs)
     assert sum(isinstance(m, torch.nn.ReLU) for m in head.modules()) == 2
+
+
+def test_channels_last_rule_follows_the_first_level_width() -> None:
+    from sats.network import prefers_channels_last
+
+    narrow = plan_network((24, 80, 80), (3.0, 1.6, 1.6), base_features=8, max_features=128)
+    wide = plan_network((24, 80, 80), (3.0, 1.6, 1.6), base_features=32, max_features=320)
+    assert prefers_channels_last(narrow, "cpu", bf16=False)
+    assert not prefers_channels_last(wide, "cpu", bf16=True)
+    assert prefers_channels_last(wide, "cuda", bf16=True) and not prefers_channels_last(narrow, "cuda", bf16=False)
+
+
+def test_channels_last_model_computes_the_same_function() -> None:
+    from sats.network import to_preferred_layout
+
+    plan = plan_network((16, 32, 32), (3.0, 1.6, 1.6), base_features=8, max_features=32)
+    torch.manual_seed(0)
+    plain = SATsNet(plan).eval()
+    cl = SATsNet(plan).eval()
+    cl.load_state_dict(plain.state_dict())
+    to_preferred_layout(cl, plan, "cpu", bf16=False)
+    conv = cl.encoder_decoder.unet.input_block.conv2.conv.weight  # 8 -> 8 channels
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    x = torch.randn(2, 1, 16, 32, 32)
+    with torch.no_grad():
+        a, b = plain(x, x.flip(-1)), cl(x, x.flip(-1))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
+    # Weights saved from the channels-last model load into a default-layout one unchanged.
+    again = SATsNet(plan).eval()
+    again.load_state_dict(cl.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, None)["logits"], a["logits"], rtol=1e-4, atol=1e-4)

@@ -197,3 +197,13 @@ def test_a_ct_that_cannot_be_aligned_is_left_out_not_fatal(tmp_path, monkeypatch
     calls.clear()
     train(data, tmp_path / "run2", tiny_config(align=True, fold="all"), device="cpu", cache=tmp_path / "cache")
     assert not calls and "case_001" not in json.loads((tmp_path / "run2" / "config.json").read_text())["train_ids"]
+
+
+def test_bf16_training_only_where_the_cpu_computes_it(monkeypatch) -> None:
+    import sats.training as tr
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: False)
+    assert not tr.uses_bf16(True, cpu) and tr.uses_bf16(True, cuda)
+    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: True)
+    assert tr.uses_bf16(True, cpu) and not tr.uses_bf16(False, cpu) and not tr.uses_bf16(False, cuda)

@@ -194,6 +194,7 @@ def train(
     no_align: bool = typer.Option(False, "--no-align", help="Skip the mid-sagittal alignment (mirror about the grid centre)."),
     atlas: Optional[Path] = typer.Option(None, "--atlas", help="Find each plane by affine registration to this symmetric atlas."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    fp32: bool = typer.Option(False, "--fp32", help="Train in fp32 (default: bf16 autocast on CUDA and on CPUs with native bf16, AMX or AVX512-BF16)."),
     compile_net: bool = typer.Option(False, "--compile", help="CUDA: torch.compile the encoder-decoder (2.1x the steps/s of a paper-preset step on an H200; the first steps wait for compilation)."),
 ) -> None:
     """Train SATs: stage 1 (Siamese encoder-decoder), stage 2 (projection head + margin loss)."""
@@ -213,6 +214,7 @@ def train(
     cfg.align = not no_align
     cfg.atlas = str(atlas.resolve()) if atlas else None
     cfg.compile = compile_net
+    cfg.amp = not fp32
     if unlabelled is not None:
         if not unlabelled.is_dir():
             raise SatsError(f"{unlabelled}: --unlabelled needs a folder of CTs")

@@ -124,8 +124,9 @@ def sliding_window_probabilities(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Tumour probabilities (and optionally the asymmetry map) for a preprocessed image.
 
-    Windows are accumulated on the CPU in float32 (MONAI's ``sliding_window_inference``
-    with ``device=cpu``), so memory grows with the image, not with the number of windows.
+    Windows are accumulated in float32 (MONAI's ``sliding_window_inference``) on the CPU,
+    or on the GPU when ``device`` is one (no copy back per window); memory grows with the
+    image, not with the number of windows.
 
     Args:
         predictor: maps ``(N, 1, D, H, W)`` to ``(logits (N, 1, D, H, W), E (N, C, D, H, W))``.
@@ -164,13 +165,13 @@ def sliding_window_probabilities(
     out = sliding_window_inference(
         x, roi_size=patch_size, sw_batch_size=batch, predictor=windows, overlap=overlap,
         mode="gaussian", sigma_scale=0.125, padding_mode="constant", cval=float(image.min()),
-        sw_device=device, device=torch.device("cpu"),
+        sw_device=device, device=device if device.type == "cuda" else torch.device("cpu"),
     )[0]
     prob = torch.sigmoid(out[0])
     if tta:
         prob = (prob + mirror_lr(torch.sigmoid(out[1]))) / 2
-    asym = out[2].numpy() if head is not None else None
-    return prob.numpy().astype(np.float32), asym
+    asym = out[2].cpu().numpy() if head is not None else None
+    return prob.cpu().numpy().astype(np.float32), asym
 
 
 @dataclass
@@ -240,7 +241,8 @@ def preprocess_for(run: LoadedRun, ct: Volume) -> Preprocessed:
                 raise SatsError(f"the model was trained with the atlas {train.atlas}, which is missing")
             atlas = read_image(train.atlas)
         plane = estimate_plane(ct, atlas, device=run.device).plane
-    return preprocess(ct, run.spacing, run.stats, plane=plane)
+    # On a GPU the CT is resampled there too; on the CPU SimpleITK's threads are faster.
+    return preprocess(ct, run.spacing, run.stats, plane=plane, device=run.device if run.device.type == "cuda" else None)
 
 
 def predict_case(

@@ -192,5 +192,31 @@ class SATsNet(nn.Module):
         return out
 
 
+def prefers_channels_last(plan: NetworkPlan, device: torch.device | str, bf16: bool) -> bool:
+    """Whether this network's convolutions run faster on channels-last 3D tensors
+    (N, D, H, W, C in memory) than on the default N, C, D, H, W layout.
+
+    * CUDA: with bf16 only; cuDNN's fast bf16 kernels want it (an H200 paper-preset step
+      +33 %), while fp32 ran slower.
+    * CPU: when the first level has fewer than 16 features. oneDNN's blocked layout pads
+      channels to a multiple of 16 (AVX-512), so 8 features compute 16; channels-last
+      does not pad. Measured on a 2-core AVX-512 EPYC: the cpu preset (8 features) trains
+      1.6x faster in fp32 and 1.4x in bf16, and predicts 1.15x / 1.45x faster; the paper
+      network (32 features) predicts 10-25 % slower channels-last.
+    """
+    if torch.device(device).type == "cuda":
+        return bf16
+    return plan.features[0] < 16
+
+
+def to_preferred_layout(model: nn.Module, plan: NetworkPlan, device: torch.device | str, bf16: bool) -> nn.Module:
+    """``model`` in channels-last 3D where :func:`prefers_channels_last` says so (in place).
+    Inputs need no conversion: a one-channel (N, 1, D, H, W) tensor is channels-last
+    already, and every convolution after it follows its weights' layout."""
+    if prefers_channels_last(plan, device, bf16):
+        model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    return model
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

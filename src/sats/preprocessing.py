@@ -131,19 +131,69 @@ def symmetric_grid(ct: Volume, spacing: tuple[float, float, float], plane: Plane
     return Volume(np.zeros((nz, ny, nx), np.uint8), spacing=spacing, origin=tuple(origin), direction=frame)
 
 
-def resample_to(volume: Volume, reference: Volume, order: int = 1, default: float | None = None) -> Volume:
+def resample_to(volume: Volume, reference: Volume, order: int = 1, default: float | None = None,
+                device: str | None = None) -> Volume:
     """Resample ``volume`` onto the grid of ``reference`` (physical space, identity transform).
 
     Args:
         order: 0 nearest neighbour, 1 linear, 3 B-spline.
         default: value outside ``volume``; default its minimum (air for CT, 0 for masks).
+        device: None for SimpleITK on the CPU; a torch device (e.g. "cuda") interpolates
+            there with ``grid_sample`` instead (order 0 or 1), the same values within
+            float32 rounding (:func:`resample_torch`).
     """
+    fill = float(volume.array.min()) if default is None else float(default)
+    if device is not None:
+        return resample_torch(volume, reference, order, fill, device)
     interp = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}[order]
     image = to_sitk(volume.with_array(volume.array.astype(np.float32)))
     ref = to_sitk(reference.with_array(np.zeros(reference.shape, np.uint8)))
-    fill = float(volume.array.min()) if default is None else float(default)
     out = sitk.Resample(image, ref, sitk.Transform(), interp, fill, sitk.sitkFloat32)
     return from_sitk(out)
+
+
+def resample_torch(volume: Volume, reference: Volume, order: int, fill: float, device: str,
+                   slab_voxels: int = 8_000_000) -> Volume:
+    """:func:`resample_to` with ``torch.nn.functional.grid_sample`` on ``device``; float32.
+
+    Follows ITK's rule: a point whose continuous index lies within half a voxel of the
+    image (every axis in [-0.5, n - 0.5]) is interpolated, its neighbours clamped to the
+    image; any other point gets ``fill``. Output slabs of about ``slab_voxels`` bound the
+    memory of the sampling grid.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if order not in (0, 1):
+        raise ValueError(f"resample_torch interpolates with order 0 or 1, not {order}")
+    dev = torch.device(device)
+    # (z, y, x) index of the reference -> (z, y, x) index of the volume: idx_v = A @ idx_r + b.
+    to_phys_r = reference.direction @ np.diag(reference.spacing[::-1])  # (x, y, z) index -> LPS
+    to_phys_v = volume.direction @ np.diag(volume.spacing[::-1])
+    a_xyz = np.linalg.solve(to_phys_v, to_phys_r)
+    b_xyz = np.linalg.solve(to_phys_v, np.asarray(reference.origin) - np.asarray(volume.origin))
+    a, b = a_xyz[::-1, ::-1].copy(), b_xyz[::-1].copy()
+    size_v = np.array(volume.shape, dtype=np.float64)
+    src = torch.as_tensor(np.ascontiguousarray(volume.array, dtype=np.float32), device=dev)[None, None]
+    a_t = torch.as_tensor(a, dtype=torch.float32, device=dev)
+    b_t = torch.as_tensor(b, dtype=torch.float32, device=dev)
+    half = torch.as_tensor(size_v - 1, dtype=torch.float32, device=dev)
+    nz, ny, nx = reference.shape
+    out = torch.empty((nz, ny, nx), dtype=torch.float32, device=dev)
+    step = max(1, slab_voxels // max(ny * nx, 1))
+    yy, xx = torch.meshgrid(torch.arange(ny, device=dev, dtype=torch.float32),
+                            torch.arange(nx, device=dev, dtype=torch.float32), indexing="ij")
+    for z0 in range(0, nz, step):
+        zz = torch.arange(z0, min(z0 + step, nz), device=dev, dtype=torch.float32)
+        idx = torch.stack(torch.broadcast_tensors(zz[:, None, None], yy[None], xx[None]), dim=-1)  # (k, ny, nx, 3) z, y, x
+        src_idx = idx @ a_t.T + b_t
+        inside = ((src_idx >= -0.5) & (src_idx <= half + 0.5)).all(dim=-1)
+        # grid_sample wants (x, y, z) in [-1, 1] (align_corners: -1 and 1 are the end voxels' centres).
+        norm = torch.where(half > 0, 2 * src_idx / half.clamp(min=1) - 1, torch.zeros_like(src_idx))
+        sampled = F.grid_sample(src, norm.flip(-1)[None], mode="bilinear" if order == 1 else "nearest",
+                                padding_mode="border", align_corners=True)[0, 0]
+        out[z0:z0 + len(zz)] = torch.where(inside, sampled, torch.full_like(sampled, fill))
+    return reference.with_array(out.cpu().numpy())
 
 
 @dataclass
@@ -163,12 +213,14 @@ def preprocess(
     stats: IntensityStats | None,
     label: Volume | None = None,
     plane: Plane | None = None,
+    device: str | None = None,
 ) -> Preprocessed:
     """Native CT (HU) -> normalised image on the symmetric grid (and the label, resampled
-    linearly and thresholded at 0.5). ``stats=None`` leaves HU unnormalised."""
+    linearly and thresholded at 0.5). ``stats=None`` leaves HU unnormalised. ``device``:
+    where the CT is resampled (:func:`resample_to`; None: SimpleITK on the CPU)."""
     plane = plane or grid_centre_plane(ct)
     grid = symmetric_grid(ct, spacing, plane)
-    hu = resample_to(ct, grid, order=1, default=-1024.0).array
+    hu = resample_to(ct, grid, order=1, default=-1024.0, device=device).array
     image = stats.normalise(hu) if stats is not None else hu.astype(np.float32)
     lab = None
     if label is not None:

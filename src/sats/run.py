@@ -36,7 +36,7 @@ import torch
 from sats import __version__
 from sats.config import TrainConfig
 from sats.io import atomic_path, write_text_atomic
-from sats.network import NetworkPlan, SATsNet
+from sats.network import NetworkPlan, SATsNet, to_preferred_layout
 from sats.preprocessing import IntensityStats
 from sats.volume import SatsError
 
@@ -147,7 +147,8 @@ class Run:
             raise SatsError(f"{self.path}: no model.pt (training not finished?)")
         model = self.build_model()
         self.load_weights(model, self.model_file)
-        return model.to(device).eval()
+        model = model.to(device).eval()
+        return to_preferred_layout(model, self.config.plan, device, bf16=False)
 
     def load_weights(self, model: SATsNet, path: Path) -> dict:
         """Load ``path`` (model.pt or checkpoint.pt) into ``model``; returns the whole file."""
