@@ -242,7 +242,7 @@ def preprocess_for(run: LoadedRun, ct: Volume) -> Preprocessed:
             atlas = read_image(train.atlas)
         plane = estimate_plane(ct, atlas, device=run.device).plane
     # On a GPU the CT is resampled there too; on the CPU SimpleITK's threads are faster.
-    return preprocess(ct, run.spacing, run.stats, plane=plane, device=run.device if run.device.type == "cuda" else None)
+    return preprocess(ct, run.spacing, run.stats, plane=plane, device=str(run.device) if run.device.type == "cuda" else None)
 
 
 def predict_case(

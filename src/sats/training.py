@@ -353,7 +353,7 @@ def validate(model: SATsNet, cases: list[CaseArrays], cfg: TrainConfig, device: 
         # window batch sizes of validation (minutes each on a GPU).
         prob, _ = sliding_window_probabilities(
             model.encoder_decoder.forward, np.asarray(case.image), cfg.patch_size, overlap=cfg.val_overlap, device=device,
-            precision="bf16" if uses_bf16(cfg.amp, device) else "fp32",
+            precision="auto" if cfg.amp else "fp32",  # bf16 on CPUs with native bf16; fp32 on CUDA, faster there
         )
         dices.append(dice(prob >= 0.5, case.label) / 100.0)
     model.train()
