@@ -19,7 +19,7 @@ import time
 import torch
 
 from sats.losses import SegmentationLoss
-from sats.network import SATsNet, count_parameters, plan_network
+from sats.network import SATsNet, count_parameters, plan_network, prefers_channels_last
 from sats.config import preset
 from sats.training import prepare_model, stage_optimizer, train_step, uses_bf16
 
@@ -39,7 +39,7 @@ def main() -> None:
     plan = plan_network(cfg.patch_size, cfg.spacing or (3.0, 1.0, 1.0), cfg.base_features, cfg.max_features)
     model = SATsNet(plan).to(dev) if args.plain else prepare_model(SATsNet(plan), dev, args.amp, args.compile)  # as sats train does
     bf16 = uses_bf16(args.amp, dev)
-    layout = "channels-last" if model.encoder_decoder.unet.input_block.conv2.conv.weight.is_contiguous(memory_format=torch.channels_last_3d) else "default"
+    layout = "channels-last" if not args.plain and prefers_channels_last(plan, dev, bf16) else "default"
     seg_loss = SegmentationLoss()
     b = cfg.batch_size
     x = torch.randn(b, 1, *cfg.patch_size, device=dev)

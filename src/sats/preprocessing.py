@@ -167,12 +167,11 @@ def resample_torch(volume: Volume, reference: Volume, order: int, fill: float, d
     if order not in (0, 1):
         raise ValueError(f"resample_torch interpolates with order 0 or 1, not {order}")
     dev = torch.device(device)
-    # (z, y, x) index of the reference -> (z, y, x) index of the volume: idx_v = A @ idx_r + b.
-    to_phys_r = reference.direction @ np.diag(reference.spacing[::-1])  # (x, y, z) index -> LPS
-    to_phys_v = volume.direction @ np.diag(volume.spacing[::-1])
-    a_xyz = np.linalg.solve(to_phys_v, to_phys_r)
-    b_xyz = np.linalg.solve(to_phys_v, np.asarray(reference.origin) - np.asarray(volume.origin))
-    a, b = a_xyz[::-1, ::-1].copy(), b_xyz[::-1].copy()
+    # (z, y, x) index of the reference -> (z, y, x) index of the volume, idx_v = A @ idx_r + b,
+    # from the volumes' own geometry: the images of the origin and of the three unit steps.
+    steps = volume.physical_to_index(reference.index_to_physical(np.vstack([np.zeros(3), np.eye(3)])))
+    b = np.ascontiguousarray(steps[0])
+    a = np.ascontiguousarray((steps[1:] - b).T)
     size_v = np.array(volume.shape, dtype=np.float64)
     src = torch.as_tensor(np.ascontiguousarray(volume.array, dtype=np.float32), device=dev)[None, None]
     a_t = torch.as_tensor(a, dtype=torch.float32, device=dev)

@@ -415,8 +415,6 @@ def train_step(
     the GPU, so the caller does that only now and then).
     """
     model = net.module if isinstance(net, DistributedDataParallel) else net
-    if use_amp and x.is_cuda:  # channels-last 3D: cuDNN's fast bf16 convolutions
-        x, s = x.contiguous(memory_format=torch.channels_last_3d), s.contiguous(memory_format=torch.channels_last_3d)
     with_margin = cfg.has_margin(stage)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
         if cfg.siamese:
