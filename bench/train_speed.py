@@ -8,7 +8,10 @@ paper preset (patch 56x192x192, batch 2, 30.7 M parameters); runs on CPU too.
     python bench/train_speed.py --preset cpu --device cpu --iters 5 --plain   # as before (fp32, default layout)
 
 ``--amp`` is bf16 autocast where ``sats train`` would use it (CUDA, or a CPU with native
-bf16), else fp32.
+bf16), else fp32. ``GFLOP`` is one step's floating-point operations (a multiply-add
+counts 2; torch's FLOP counter, convolutions and matrix products), ``GFLOP/s`` what the
+timed steps achieved: set against the machine's peak, it says how much faster the step
+could still get.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from sats.losses import SegmentationLoss
 from sats.network import SATsNet, count_parameters, plan_network, prefers_channels_last
@@ -49,11 +53,16 @@ def main() -> None:
     print(f"preset {cfg.preset}, patch {cfg.patch_size}, batch {b} (x2 Siamese), {count_parameters(model.encoder_decoder):,} parameters, "
           f"device {dev}{' ' + torch.cuda.get_device_name(dev) if dev.type == 'cuda' else ''}, {'bf16' if bf16 else 'fp32'}, {layout} layout, "
           f"{'plain' if args.plain else 'prepared'}{', compiled' if args.compile else ''}")
-    print(f"{'stage':>5} {'it/s':>8} {'s/it':>8} {'peak GiB':>9}")
+    print(f"{'stage':>5} {'it/s':>8} {'s/it':>8} {'peak GiB':>9} {'GFLOP':>7} {'GFLOP/s':>8}")
     for stage in ("1", "2"):
         opt = stage_optimizer(model, cfg, stage, fused=False if args.plain else None)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
+        gflop = float("nan")
+        if not args.compile:  # counting runs the ops eagerly; a compiled module would recompile
+            with FlopCounterMode(display=False) as counter:  # one untimed step
+                train_step(model, x, s, cfg, stage, opt, seg_loss, use_amp=bf16)
+            gflop = counter.get_total_flops() / 1e9
         for i in range(args.warmup + args.iters):
             if i == args.warmup:
                 if dev.type == "cuda":
@@ -64,7 +73,7 @@ def main() -> None:
             torch.cuda.synchronize(dev)
         dt = (time.perf_counter() - t0) / args.iters
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
-        print(f"{stage:>5} {1 / dt:>8.2f} {dt:>8.3f} {peak:>9.2f}")
+        print(f"{stage:>5} {1 / dt:>8.2f} {dt:>8.3f} {peak:>9.2f} {gflop:>7.1f} {gflop / dt:>8.1f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from sats.hardware import use_available_cores
 from sats.io import SatsError
 
 app = typer.Typer(
@@ -45,6 +46,12 @@ def user_errors(func):
             _fail("interrupted")
 
     return wrapper
+
+
+@app.callback()
+def _start() -> None:
+    """Every command: one thread per core this process may use (sats.hardware)."""
+    use_available_cores()
 
 
 @app.command()

@@ -28,6 +28,7 @@ from monai.inferers import sliding_window_inference
 
 from sats.config import Precision, RoiMode, validate_options
 from sats.dataset import check_ct
+from sats.hardware import cpu_has_native_bf16
 from sats.io import SatsError, Volume, collect_inputs, read_image
 from sats.network import SATsNet
 from sats.preprocessing import IntensityStats, Preprocessed, keep_largest_component, preprocess, resample_to
@@ -79,15 +80,6 @@ class PredictOptions:
             raise SatsError(f"overlap must be in [0, 1), not {self.overlap}")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise SatsError("--device cuda asked for, but no CUDA device is available")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16); Linux flags."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 from sats.config import TrainConfig, fit_to_data, preset
 from sats.dataset import check_dataset, list_cases, load_dataset_json
 from sats.evaluation import dice
-from sats.inference import cpu_has_native_bf16, sliding_window_probabilities
+from sats.hardware import cpu_has_native_bf16, keep_freed_memory
+from sats.inference import sliding_window_probabilities
 from sats.io import SatsError, atomic_path, read_image, read_spacing, write_text_atomic
 from sats.losses import SegmentationLoss, asymmetric_mask, margin_loss
 from sats.network import SATsNet, count_parameters, plan_network, to_preferred_layout
@@ -559,23 +560,6 @@ def train(
 
 
 # --- the steps of train() ---------------------------------------------------------------------
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to serve allocations under 32 MiB from its heap and to keep freed memory
-    (up to 1 GiB) instead of returning it to the kernel after every step: each training
-    step frees and re-allocates the same activation buffers, and handing them back costs
-    page faults (cpu preset, 2 cores: 5.2 M -> 3.2 M minor faults, system time 12 -> 7 s
-    over 20 steps). Returns False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
 
 
 def setup(device: str | None, console: Console | None) -> Setup:
