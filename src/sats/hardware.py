@@ -14,22 +14,14 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def cpu_quota_cores(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
-    """The CPU limit of this process's control group, in cores (quota / period), or None
-    where there is none. Reads cgroup v2 (``cpu.max``: ``"200000 100000"`` or ``"max
-    100000"``), then cgroup v1 (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, -1 for
-    none); the smallest limit of the process's own group (``/proc/self/cgroup``) and its
-    ancestors up to the root, which is the container's own group where the container has
-    no cgroup namespace.
-
-    Example:
-        >>> cpu_quota_cores()  # doctest: +SKIP
-        2.0
-    """
+def _own_groups(proc_cgroup: Path) -> tuple[str, str]:
+    """This process's cgroup v2 path and its cgroup v1 ``cpu`` path, from ``/proc/self/cgroup``
+    (lines ``0::/path`` and ``N:cpu,cpuacct:/path``); "" where absent."""
     own_v2, own_v1 = "", ""
     try:
         for line in proc_cgroup.read_text().splitlines():
@@ -40,31 +32,51 @@ def cpu_quota_cores(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/se
                 own_v1 = path.strip("/")
     except (OSError, ValueError):
         pass
-    def limits(base: Path, own: str, read) -> list[float] | None:
-        """Limits in cores of the own group and its ancestors under ``base``; None where
-        ``base`` has no such files at all."""
-        parts = [p for p in own.split("/") if p]
-        found, out = False, []
-        for i in range(len(parts), -1, -1):
-            try:
-                quota, period = read(base.joinpath(*parts[:i]))
-            except (OSError, ValueError):
-                continue
-            found = True
-            if quota > 0 and period > 0:
-                out.append(quota / period)
-        return out if found else None
+    return own_v2, own_v1
 
-    def v2(folder: Path) -> tuple[int, int]:
-        quota, period = (folder / "cpu.max").read_text().split()[:2]
-        return (-1 if quota == "max" else int(quota)), int(period)
 
-    def v1(folder: Path) -> tuple[int, int]:
-        return int((folder / "cpu.cfs_quota_us").read_text()), int((folder / "cpu.cfs_period_us").read_text())
+def _read_v2(folder: Path) -> tuple[int, int]:
+    quota, period = (folder / "cpu.max").read_text().split()[:2]
+    return (-1 if quota == "max" else int(quota)), int(period)
 
-    for found in (limits(root, own_v2, v2), *(limits(root / m, own_v1, v1) for m in ("cpu", "cpu,cpuacct", "cpuacct,cpu"))):
-        if found is not None:
-            return min(found, default=None)
+
+def _read_v1(folder: Path) -> tuple[int, int]:
+    return int((folder / "cpu.cfs_quota_us").read_text()), int((folder / "cpu.cfs_period_us").read_text())
+
+
+def _group_limits(base: Path, own: str, read: Callable[[Path], tuple[int, int]]) -> list[float] | None:
+    """The CPU limits in cores of the group ``own`` and of its ancestors under ``base``;
+    None where none of them has the files."""
+    parts = [p for p in own.split("/") if p]
+    found, limits = False, []
+    for i in range(len(parts), -1, -1):
+        try:
+            quota, period = read(base.joinpath(*parts[:i]))
+        except (OSError, ValueError):
+            continue
+        found = True
+        if quota > 0 and period > 0:
+            limits.append(quota / period)
+    return limits if found else None
+
+
+def cpu_quota_cores(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPU limit of this process's control group, in cores (quota / period), or None
+    where there is none. Reads cgroup v2 (``cpu.max``: ``"200000 100000"`` or ``"max
+    100000"``), else cgroup v1 (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, -1 for
+    none): the smallest limit of the process's own group and its ancestors up to the
+    root, which is the container's own group where the container has no cgroup namespace.
+
+    Example:
+        >>> cpu_quota_cores()  # doctest: +SKIP
+        2.0
+    """
+    own_v2, own_v1 = _own_groups(proc_cgroup)
+    candidates = [(root, own_v2, _read_v2)] + [(root / m, own_v1, _read_v1) for m in ("cpu", "cpu,cpuacct", "cpuacct,cpu")]
+    for base, own, read in candidates:
+        limits = _group_limits(base, own, read)
+        if limits is not None:
+            return min(limits, default=None)
     return None
 
 
