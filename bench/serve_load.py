@@ -25,6 +25,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from sats.dicom import write_ct_series
+from sats.hardware import available_cores
 from sats.io import read_image
 
 
@@ -103,5 +104,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    os.environ.setdefault("OMP_NUM_THREADS", str(available_cores()))
     main()

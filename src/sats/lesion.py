@@ -84,7 +84,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,6 +92,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from sats.hardware import available_cores
 from sats.io import SatsError, Volume, read_image, write_image, write_text_atomic
 from sats.symmetry import Plane
 
@@ -770,7 +770,7 @@ def write_lesion_dataset(
         plan = [("Ts", test_pool, n_test), ("Tr", train_pool, n_train), ("Ts", train_pool, n_test)]
     else:  # one pool: test cases first, then training cases, from disjoint CTs
         plan = [("Ts", train_pool, n_test), ("Tr", train_pool, n_train)]
-    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    workers = workers or min(4, available_cores())
     lesions: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     used: set[str] = set()

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sats.config import TrainConfig, fit_to_data, preset
 from sats.dataset import check_dataset, list_cases, load_dataset_json
 from sats.evaluation import dice
-from sats.hardware import cpu_has_native_bf16, keep_freed_memory
+from sats.hardware import available_cores, cpu_has_native_bf16, keep_freed_memory
 from sats.inference import sliding_window_probabilities
 from sats.io import SatsError, atomic_path, read_image, read_spacing, write_text_atomic
 from sats.losses import SegmentationLoss, asymmetric_mask, margin_loss
@@ -723,7 +723,7 @@ def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
         return cfg.num_workers
     if device.type != "cuda":
         return 0
-    return max(0, min(8, len(os.sched_getaffinity(0)) - 1))
+    return max(0, min(8, available_cores() - 1))
 
 
 def end_of_epoch(run: Run, model: SATsNet, state: LoopState, row: dict, cases: Cases, cfg: TrainConfig,
