@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from sats.cli import app
 from sats.dataset import check_dataset
-from sats.io import Volume, read_image, write_image
+from sats.io import SatsError, Volume, read_image, write_image
 from sats.lesion import (
     AIR_HU,
     BONE_HU,
@@ -177,3 +177,18 @@ def test_the_nasopharynx_search_refuses_an_empty_head():
         from sats.lesion import find_nasopharynx
 
         find_nasopharynx(head)
+
+
+def test_a_contrast_range_draws_within_it_and_keeps_the_other_draws():
+    # A faint test bed (--contrast-range 0 5) must hold the same lesions as the default one
+    # (same seed) but for their contrast: the range replaces the draw, not the rng order.
+    from sats.lesion import Draw
+
+    faint = [Draw.sample(LesionConfig(contrast_range=(0.0, 5.0)), np.random.default_rng(s)) for s in range(40)]
+    usual = [Draw.sample(LesionConfig(), np.random.default_rng(s)) for s in range(40)]
+    assert all(0.0 <= d.contrast_hu <= 5.0 for d in faint)
+    assert max(d.contrast_hu for d in usual) > 5.0
+    assert [(d.side, d.bilateral, d.volume_ml) for d in faint] == [(d.side, d.bilateral, d.volume_ml) for d in usual]
+    assert all(np.allclose(a.direction, b.direction) for a, b in zip(faint, usual))
+    with pytest.raises(SatsError, match="contrast-range"):
+        LesionConfig(contrast_range=(5.0, 1.0))

@@ -64,6 +64,7 @@ def phantom(
     background: Optional[Path] = typer.Option(None, "--background", help="Real CTs to insert GTVs into: a folder of CT images, or a dataset (its imagesTr for training cases, imagesTs for test cases)."),
     tumor_contrast: Optional[float] = typer.Option(None, "--tumor-contrast", help="GTV minus muscle, HU (default 12; with --background drawn from 0-15 per case)."),
     bilateral_fraction: Optional[float] = typer.Option(None, "--bilateral-fraction", min=0.0, max=1.0, help="Share of tumours crossing the midline (default 0.25; 0.2 with --background)."),
+    contrast_range: Optional[tuple[float, float]] = typer.Option(None, "--contrast-range", help="With --background: draw each GTV's contrast (HU above muscle) uniformly from LO HI (default 0 15); --tumor-contrast fixes it instead."),
     volume_ml: Optional[tuple[float, float]] = typer.Option(None, "--volume-ml", help="With --background: GTV volume range LO HI in ml, drawn log-uniformly (default 5 60)."),
     max_angle: Optional[float] = typer.Option(None, "--max-angle", min=0.0, help="Largest head yaw and roll, degrees (default 10)."),
     max_shift: Optional[float] = typer.Option(None, "--max-shift", min=0.0, help="Largest head shift, mm (default 10)."),
@@ -81,8 +82,11 @@ def phantom(
         given = [k for k, v in analytic_only.items() if v is not None]
         if given:
             raise SatsError(f"{', '.join(given)}: options of the analytic phantom, not used with --background")
+        if contrast_range is not None and tumor_contrast is not None:
+            raise SatsError("--tumor-contrast and --contrast-range: give one (a fixed contrast, or a range to draw from)")
         config = LesionConfig(
             tumor_contrast=tumor_contrast,
+            contrast_range=tuple(contrast_range) if contrast_range else (0.0, 15.0),
             bilateral_fraction=0.2 if bilateral_fraction is None else bilateral_fraction,
             volume_ml=tuple(volume_ml) if volume_ml else (5.0, 60.0),
         )
@@ -93,8 +97,8 @@ def phantom(
             if got < wanted:
                 err_console.print(f"[yellow]warning:[/] only {got} of {wanted} {split} cases: too few usable background CTs")
         return
-    if volume_ml is not None:
-        raise SatsError("--volume-ml: only with --background (the analytic phantom sets its GTV size itself)")
+    if volume_ml is not None or contrast_range is not None:
+        raise SatsError("--volume-ml, --contrast-range: only with --background (the analytic phantom sets its GTV itself)")
     from sats.phantom import PhantomConfig, write_phantom_dataset
 
     config = PhantomConfig(

@@ -129,6 +129,8 @@ class LesionConfig:
         lo, hi = self.volume_ml
         if not 0 < lo <= hi:
             raise SatsError(f"--volume-ml needs 0 < LO <= HI, got {lo} {hi}")
+        if not self.contrast_range[0] <= self.contrast_range[1]:
+            raise SatsError(f"--contrast-range needs LO <= HI, got {self.contrast_range[0]} {self.contrast_range[1]}")
         if not 0.0 <= self.bilateral_fraction <= 1.0:
             raise SatsError(f"--bilateral-fraction must be within 0..1, got {self.bilateral_fraction}")
 
