@@ -19,11 +19,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from sats.alignment import find_plane, find_plane_registration  # noqa: E402
-from sats.dataset import list_cases  # noqa: E402
-from sats.io import read_image  # noqa: E402
-from sats.phantom import PhantomConfig, make_case  # noqa: E402
-from sats.symmetry import Plane  # noqa: E402
+from sats.geometry.alignment import find_plane, find_plane_registration  # noqa: E402
+from sats.data.dataset import list_cases  # noqa: E402
+from sats.data.io import read_image  # noqa: E402
+from sats.data.phantom import PhantomConfig, make_case  # noqa: E402
+from sats.geometry.symmetry import Plane  # noqa: E402
 from test_alignment import rotate_about  # noqa: E402
 
 METHODS = {"symmetry-plane": find_plane, "registration": find_plane_registration}

@@ -1,4 +1,4 @@
-"""How well the unsupervised asymmetric region (sats.asymmetry) matches the label-based
+"""How well the unsupervised asymmetric region (sats.geometry.asymmetry) matches the label-based
 ones: voxel-wise precision and recall of m_unsup against Eq. 1 (``s - s∩s'``) and against
 ``s XOR s'``, per setting, over a dataset's cases. Tune on Tr, report on Ts.
 
@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sats.alignment import estimate_plane
-from sats.asymmetry import AsymmetryConfig, asymmetry_cues, precision_recall, score_and_mask
-from sats.dataset import list_cases
-from sats.io import read_image
-from sats.losses import asymmetric_mask
-from sats.preprocessing import preprocess
+from sats.geometry.alignment import estimate_plane
+from sats.geometry.asymmetry import AsymmetryConfig, asymmetry_cues, precision_recall, score_and_mask
+from sats.data.dataset import list_cases
+from sats.data.io import read_image
+from sats.model.losses import asymmetric_mask
+from sats.geometry.preprocessing import preprocess
 
 
 def main() -> None:

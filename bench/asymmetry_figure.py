@@ -1,4 +1,4 @@
-"""Overlay of m_unsup (sats.asymmetry) next to the label-based asymmetric region s XOR s',
+"""Overlay of m_unsup (sats.geometry.asymmetry) next to the label-based asymmetric region s XOR s',
 on the axial slice with the most tumour, for one case of each dataset given.
 
     python bench/asymmetry_figure.py OUT.png DATASET:CASE [DATASET:CASE ...]
@@ -16,11 +16,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from sats.alignment import estimate_plane
-from sats.asymmetry import DEFAULT_SPACING, asymmetry_map, precision_recall
-from sats.io import read_image
-from sats.losses import asymmetric_mask
-from sats.preprocessing import preprocess
+from sats.geometry.alignment import estimate_plane
+from sats.geometry.asymmetry import DEFAULT_SPACING, asymmetry_map, precision_recall
+from sats.data.io import read_image
+from sats.model.losses import asymmetric_mask
+from sats.geometry.preprocessing import preprocess
 
 
 def main() -> None:

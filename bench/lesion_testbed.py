@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from sats.io import read_image
-from sats.lesion import AIR_HU, BONE_HU, surrounding_muscle
-from sats.preprocessing import body_mask
+from sats.data.io import read_image
+from sats.data.lesion import AIR_HU, BONE_HU, surrounding_muscle
+from sats.geometry.preprocessing import body_mask
 
 
 def main(root: Path) -> None:

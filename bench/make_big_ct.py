@@ -5,8 +5,8 @@
 
 import sys
 
-from sats.io import write_image
-from sats.phantom import PhantomConfig, make_case
+from sats.data.io import write_image
+from sats.data.phantom import PhantomConfig, make_case
 
 case = make_case(0, 0, "Ts", PhantomConfig(size="paper"))
 write_image(case.ct, sys.argv[1])

@@ -68,7 +68,7 @@ def time_command(cmd: list[str], repeats: int) -> tuple[float, float, float]:
 @torch.no_grad()
 def time_window(net, patch, precision: str, repeats: int) -> float:
     """Median seconds of one forward pass of a ``patch`` window (after one warm-up pass)."""
-    from sats.inference import autocast
+    from sats.predict.inference import autocast
 
     x = torch.randn(1, 1, *patch)
     times = []
@@ -87,8 +87,8 @@ def time_sliding(net, ct_path: Path, patch, precision: str, full: bool) -> tuple
     sliding window at the CT's own spacing, 50 % overlap, Gaussian weighting."""
     from monai.inferers import sliding_window_inference
 
-    from sats.inference import autocast, count_windows
-    from sats.io import read_image
+    from sats.predict.inference import autocast, count_windows
+    from sats.data.io import read_image
 
     image = read_image(ct_path).array.astype(np.float32)
     total = count_windows(image.shape, patch, 0.5)
@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--full-sliding", action="store_true", help="run the whole-image sliding window in full")
     args = ap.parse_args()
 
-    from sats.inference import load_run, resolve_precision
+    from sats.predict.inference import load_run, resolve_precision
 
     ct = args.ct or build_ct(OPENKBP_CT, args.work / "fullsize_0000.nii.gz")
     run_dir = args.work / "run_paper"

@@ -2,7 +2,7 @@
 
 The studies of BENCHMARKS.md (A, B, C) predicted over the whole body, as `sats predict`
 did before the ROI (issue 12). This re-predicts every finished run's test cases with the
-run's weights unchanged and the ROI of `sats.roi` (a localiser fitted per seed on the
+run's weights unchanged and the ROI of `sats.predict.roi` (a localiser fitted per seed on the
 study's training cache, as `sats train` now fits one), and writes the same tables:
 ``OUT/cases.csv``, ``summary.md``, ``summary.json``, ``ablation.png``. Resumable: each
 (run, case) row is kept in ``OUT/rows.csv`` as it is scored.
@@ -29,15 +29,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    from sats.ablation import AblationSettings, write_outputs
-    from sats.dataset import list_cases
-    from sats.evaluation import compute_metrics
-    from sats.inference import load_run, predict_case
-    from sats.io import read_image
-    from sats.preprocessing import preprocess
-    from sats.roi import find_roi, fit_localiser, load_localiser, save_localiser
-    from sats.symmetry import Plane
-    from sats.training import prepare_cases
+    from sats.evaluation.ablation import AblationSettings, write_outputs
+    from sats.data.dataset import list_cases
+    from sats.evaluation.metrics import compute_metrics
+    from sats.predict.inference import load_run, predict_case
+    from sats.data.io import read_image
+    from sats.geometry.preprocessing import preprocess
+    from sats.predict.roi import find_roi, fit_localiser, load_localiser, save_localiser
+    from sats.geometry.symmetry import Plane
+    from sats.model.training import prepare_cases
 
     settings = AblationSettings(**json.loads((args.study / "ablation.json").read_text()))
     planes = json.loads((args.study / "test_planes.json").read_text())

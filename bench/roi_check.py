@@ -22,9 +22,9 @@ import numpy as np
 
 
 def ensure_localiser(run_dir: Path, dataset: Path, cache: Path) -> None:
-    from sats.roi import fit_localiser, save_localiser
-    from sats.run import Run
-    from sats.training import prepare_cases
+    from sats.predict.roi import fit_localiser, save_localiser
+    from sats.model.run import Run
+    from sats.model.training import prepare_cases
 
     run = Run.open(run_dir)
     if run.localiser_file.exists():
@@ -46,13 +46,13 @@ def main() -> None:
     ap.add_argument("--dsc", action="store_true", help="also predict over the ROI and the whole body and compare Dice")
     args = ap.parse_args()
 
-    from sats.dataset import list_cases
-    from sats.evaluation import dice
-    from sats.inference import count_windows, load_run, predict_case, preprocess_for
-    from sats.io import read_image
-    from sats.preprocessing import preprocess
-    from sats.roi import find_roi
-    from sats.symmetry import Plane
+    from sats.data.dataset import list_cases
+    from sats.evaluation.metrics import dice
+    from sats.predict.inference import count_windows, load_run, predict_case, preprocess_for
+    from sats.data.io import read_image
+    from sats.geometry.preprocessing import preprocess
+    from sats.predict.roi import find_roi
+    from sats.geometry.symmetry import Plane
 
     if not args.no_localiser:
         ensure_localiser(args.run, args.dataset, args.cache or args.run / "cache")

@@ -24,9 +24,9 @@ import pydicom
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from sats.dicom import write_ct_series
+from sats.data.dicom import write_ct_series
 from sats.hardware import available_cores
-from sats.io import read_image
+from sats.data.io import read_image
 
 
 def _port() -> int:

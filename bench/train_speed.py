@@ -22,10 +22,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sats.losses import SegmentationLoss
-from sats.network import SATsNet, count_parameters, plan_network, prefers_channels_last
-from sats.config import preset
-from sats.training import prepare_model, stage_optimizer, train_step, uses_bf16
+from sats.model.losses import SegmentationLoss
+from sats.model.network import SATsNet, count_parameters, plan_network, prefers_channels_last
+from sats.model.config import preset
+from sats.model.training import prepare_model, stage_optimizer, train_step, uses_bf16
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from sats.io import read_image
+from sats.data.io import read_image
 
 root = Path(sys.argv[1])
 lesions = json.loads((root / "lesions.json").read_text())

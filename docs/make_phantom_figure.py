@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from sats.phantom import make_case
+from sats.data.phantom import make_case
 
 case = make_case(seed=0, index=7)
 ct, lab = case.ct.array, case.label.array

@@ -44,7 +44,7 @@ def tiny_trained_run(tmp_path_factory) -> tuple[Path, Path]:
     threshold: use :func:`predicting_run` where a test needs a non-empty prediction."""
     from test_training import make_tiny_dataset, tiny_config
 
-    from sats.training import train
+    from sats.model.training import train
 
     root = tmp_path_factory.mktemp("tiny")
     data = make_tiny_dataset(root / "data")
@@ -89,7 +89,7 @@ def predicting_run(run_dir: Path, ct, out_dir: Path, fraction: float = 0.01) -> 
     import numpy as np
     import torch
 
-    from sats.inference import load_run, predict_case
+    from sats.predict.inference import load_run, predict_case
 
     shutil.copytree(run_dir, out_dir, ignore=shutil.ignore_patterns("cache", "checkpoint.pt"))
     run = load_run(out_dir)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
-from sats.ablation import BOOTSTRAP, VARIANTS, AblationSettings, variant_config, write_outputs
-from sats.io import SatsError
-from sats.training import train
+from sats.evaluation.ablation import BOOTSTRAP, VARIANTS, AblationSettings, variant_config, write_outputs
+from sats.data.io import SatsError
+from sats.model.training import train
 
 from test_training import make_tiny_dataset, tiny_config
 
@@ -129,7 +129,7 @@ def test_unet_and_joint_variants_train(tmp_path, variant):
 
 
 def test_the_margin_loss_needs_the_mirror_branch():
-    from sats.training import TrainConfig
+    from sats.model.training import TrainConfig
 
     with pytest.raises(SatsError, match="siamese"):
         TrainConfig(siamese=False, margin_loss=True)
@@ -180,11 +180,11 @@ def test_ablation_survives_sigkill_and_does_not_retrain_finished_runs(tmp_path):
 
 
 def test_a_test_ct_that_cannot_be_aligned_is_still_scored(tmp_path, monkeypatch):
-    import sats.alignment as alignment
+    import sats.geometry.alignment as alignment
     from rich.console import Console
 
-    from sats.ablation import _test_planes
-    from sats.preprocessing import grid_centre_plane
+    from sats.evaluation.ablation import _test_planes
+    from sats.geometry.preprocessing import grid_centre_plane
 
     data = _tiny_with_test_split(tmp_path / "data")
     test_ids = sorted(p.name[: -len("_0000.nii.gz")] for p in (data / "imagesTs").glob("*_0000.nii.gz"))
@@ -210,12 +210,12 @@ def test_two_processes_share_a_study_by_claiming_runs(tmp_path, monkeypatch):
     """A run held by another `sats ablation` is skipped, then waited for and read, not retrained."""
     import threading
 
-    import sats.ablation as ablation
-    import sats.training as training
+    import sats.evaluation.ablation as ablation
+    import sats.model.training as training
     from rich.console import Console
 
-    from sats.ablation import run_ablation
-    from sats.run import claim
+    from sats.evaluation.ablation import run_ablation
+    from sats.model.run import claim
 
     data = _tiny_with_test_split(tmp_path / "data")
     out = tmp_path / "study"

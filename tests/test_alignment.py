@@ -7,12 +7,12 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-from sats.alignment import aligned_volume, find_plane, estimate_plane
+from sats.geometry.alignment import aligned_volume, find_plane, estimate_plane
 from sats.cli import app
-from sats.io import SatsError, Volume, from_sitk, read_image, to_sitk, write_image
-from sats.phantom import PhantomConfig, make_case
-from sats.preprocessing import preprocess
-from sats.symmetry import Plane, mirror_lr
+from sats.data.io import SatsError, Volume, from_sitk, read_image, to_sitk, write_image
+from sats.data.phantom import PhantomConfig, make_case
+from sats.geometry.preprocessing import preprocess
+from sats.geometry.symmetry import Plane, mirror_lr
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
@@ -114,7 +114,7 @@ def test_registration_method_agrees_on_a_phantom() -> None:
 
 
 def test_atlas_mode_finds_the_plane_through_a_symmetric_atlas(tmp_path) -> None:
-    from sats.alignment import make_atlas
+    from sats.geometry.alignment import make_atlas
 
     atlas = make_atlas([make_case(21, i, config=PhantomConfig(tumor_free=True)).ct for i in range(2)], spacing=(3.0, 2.0, 2.0))
     np.testing.assert_allclose(atlas.array, mirror_lr(atlas.array), atol=1e-3)  # symmetric by construction

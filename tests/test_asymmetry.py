@@ -1,4 +1,4 @@
-"""Unsupervised asymmetric-region selection (sats.asymmetry) and training with unlabelled CTs."""
+"""Unsupervised asymmetric-region selection (sats.geometry.asymmetry) and training with unlabelled CTs."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from sats.alignment import estimate_plane
-from sats.asymmetry import AsymmetryConfig, analysis_region, asymmetry_map, asymmetry_on_input_grid, precision_recall
-from sats.io import read_image
-from sats.losses import asymmetric_mask
-from sats.phantom import PhantomConfig, make_case
-from sats.preprocessing import preprocess
-from sats.training import train
+from sats.geometry.alignment import estimate_plane
+from sats.geometry.asymmetry import AsymmetryConfig, analysis_region, asymmetry_map, asymmetry_on_input_grid, precision_recall
+from sats.data.io import read_image
+from sats.model.losses import asymmetric_mask
+from sats.data.phantom import PhantomConfig, make_case
+from sats.geometry.preprocessing import preprocess
+from sats.model.training import train
 from test_training import make_tiny_dataset, tiny_config
 
 SPACING = (2.0, 2.0, 2.0)
@@ -89,7 +89,7 @@ def test_cli_asymmetry_writes_both_images(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from sats.cli import app
-    from sats.io import write_image
+    from sats.data.io import write_image
 
     case = make_case(101, 0, "Tr", PhantomConfig())
     write_image(case.ct, tmp_path / "ct.nii.gz")
@@ -134,9 +134,9 @@ def test_train_with_unlabelled_cts_runs_resumes_and_records_them(tmp_path: Path)
 
 
 def test_unlabelled_patches_add_only_the_margin_loss() -> None:
-    from sats.losses import SegmentationLoss
-    from sats.network import SATsNet, plan_network
-    from sats.training import train_step
+    from sats.model.losses import SegmentationLoss
+    from sats.model.network import SATsNet, plan_network
+    from sats.model.training import train_step
 
     cfg = tiny_config()
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ def test_truncated_nifti_given_to_commands(tmp_path) -> None:
     """One clear line, non-zero exit, no traceback, for a truncated .nii.gz anywhere."""
     import numpy as np
 
-    from sats.io import Volume, write_image
+    from sats.data.io import Volume, write_image
 
     path = write_image(Volume(np.random.default_rng(0).normal(0, 300, (20, 64, 64)).astype(np.int16)), tmp_path / "ct_0000.nii.gz")
     data = path.read_bytes()
@@ -63,12 +63,12 @@ def test_train_refuses_a_broken_dataset(tmp_path) -> None:
 def test_train_refuses_a_dataset_that_fails_check(tmp_path) -> None:
     import numpy as np
 
-    from sats.io import write_image
+    from sats.data.io import write_image
     from test_training import make_tiny_dataset
 
     data = make_tiny_dataset(tmp_path / "data", n=2)
     label = data / "labelsTr" / "case_000.nii.gz"
-    from sats.io import read_image
+    from sats.data.io import read_image
 
     lab = read_image(label)
     write_image(lab.with_array((lab.array * 2).astype(np.uint8)), label)  # label value 2
@@ -92,7 +92,7 @@ def test_resume_refuses_an_incompatible_run(tmp_path) -> None:
 
 
 def test_train_fp32_flag_turns_bf16_autocast_off(tmp_path, monkeypatch) -> None:
-    import sats.training as training
+    import sats.model.training as training
 
     seen = []
     monkeypatch.setattr(training, "train", lambda dataset, out, cfg, **kw: seen.append(cfg.amp))

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sats.cli import app
-from sats.dataset import (
+from sats.data.dataset import (
     Case,
     check_dataset,
     ct_intensity_warning,
@@ -22,7 +22,7 @@ from sats.dataset import (
     list_cases,
     load_dataset_json,
 )
-from sats.io import SatsError, Volume, read_image, write_image
+from sats.data.io import SatsError, Volume, read_image, write_image
 
 SHAPE = (8, 16, 16)  # (z, y, x)
 GEO = dict(spacing=(2.5, 1.0, 1.0), origin=(-8.0, -8.0, 20.0))

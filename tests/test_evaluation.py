@@ -16,7 +16,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from sats.cli import app
-from sats.evaluation import (
+from sats.evaluation.metrics import (
     CSV_COLUMNS,
     CaseMetrics,
     average_surface_distance,
@@ -32,7 +32,7 @@ from sats.evaluation import (
     surface_distances,
     write_csv,
 )
-from sats.io import SatsError, Volume, write_image
+from sats.data.io import SatsError, Volume, write_image
 
 SPACING = (3.0, 1.0, 1.0)
 

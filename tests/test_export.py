@@ -14,9 +14,9 @@ from rt_utils import RTStructBuilder
 from typer.testing import CliRunner
 
 from sats.cli import app
-from sats.dicom import read_dicom_series, scan_folder, write_ct_series
-from sats.export import load_ct_reference, read_rtstruct_roi, slice_contours, write_rtstruct, write_seg
-from sats.io import SatsError, Volume, read_image, write_image
+from sats.data.dicom import read_dicom_series, scan_folder, write_ct_series
+from sats.predict.export import load_ct_reference, read_rtstruct_roi, slice_contours, write_rtstruct, write_seg
+from sats.data.io import SatsError, Volume, read_image, write_image
 from test_io import rotation
 
 runner = CliRunner()
@@ -420,7 +420,7 @@ def test_a_large_structure_is_written_without_vr_un_and_comes_back_voxel_for_vox
     row bands that each fit, never as VR UN, and rasterises back to the same pixels."""
     import warnings
 
-    from sats.export import MAX_CONTOUR_BYTES
+    from sats.predict.export import MAX_CONTOUR_BYTES
 
     ct_dir = lung_dicom / "ct"
     ct = read_dicom_series(ct_dir)

@@ -33,7 +33,7 @@ from test_training import make_tiny_dataset
 from typer.testing import CliRunner
 
 from sats.cli import app
-from sats.io import SatsError, Volume, read_image, write_image
+from sats.data.io import SatsError, Volume, read_image, write_image
 
 SATS = [sys.executable, "-m", "sats"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -367,7 +367,7 @@ def test_disk_full_in_write_image(tmp_path, monkeypatch, suffix) -> None:
 @pytest.fixture
 def dicom_case(tmp_path) -> tuple[Path, Path]:
     """(CT series folder, mask on its grid)."""
-    from sats.dicom import write_ct_series
+    from sats.data.dicom import write_ct_series
 
     ct = Volume(np.full((3, 12, 12), -1000, np.int16), spacing=(2.0, 1.0, 1.0))
     ct.array[:, 3:9, 3:9] = 40
@@ -395,7 +395,7 @@ def test_disk_full_while_writing_an_rtstruct(dicom_case, tmp_path, monkeypatch) 
 def test_disk_full_while_writing_a_seg(dicom_case, tmp_path, monkeypatch) -> None:
     from pydicom.dataset import Dataset
 
-    from sats.export import write_seg
+    from sats.predict.export import write_seg
 
     ct_dir, mask = dicom_case
     out = tmp_path / "SEG.dcm"
@@ -424,7 +424,7 @@ def test_disk_full_while_writing_the_metrics_csv(tmp_path, monkeypatch) -> None:
 
 
 def test_disk_full_while_writing_the_ablation_csv(tmp_path, monkeypatch) -> None:
-    from sats import ablation
+    from sats.evaluation import ablation
 
     out = tmp_path / "cases.csv"
     out.write_text("variant,seed,case\nprevious,0,a\n")
@@ -442,7 +442,7 @@ def test_a_ct_slice_with_short_pixel_data_is_refused_naming_it(dicom_case) -> No
     into something; the reader refuses it, naming the slice."""
     import pydicom
 
-    from sats.dicom import read_dicom_series
+    from sats.data.dicom import read_dicom_series
 
     ct_dir, _ = dicom_case
     victim = sorted(ct_dir.glob("*.dcm"))[1]

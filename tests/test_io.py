@@ -10,8 +10,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from sats.dicom import read_dicom_series, write_ct_series
-from sats.io import SatsError, Volume, from_sitk, read_image, to_sitk, write_image
+from sats.data.dicom import read_dicom_series, write_ct_series
+from sats.data.io import SatsError, Volume, from_sitk, read_image, to_sitk, write_image
 
 
 def rotation(yaw_deg: float, roll_deg: float) -> np.ndarray:
@@ -109,7 +109,7 @@ def test_failed_write_leaves_nothing(tmp_path) -> None:
     class Boom(Exception):
         pass
 
-    from sats.io import atomic_path
+    from sats.data.io import atomic_path
 
     with pytest.raises(Boom):
         with atomic_path(target) as tmp:

@@ -10,9 +10,9 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from sats.cli import app
-from sats.dataset import check_dataset
-from sats.io import SatsError, Volume, read_image, write_image
-from sats.lesion import (
+from sats.data.dataset import check_dataset
+from sats.data.io import SatsError, Volume, read_image, write_image
+from sats.data.lesion import (
     AIR_HU,
     BONE_HU,
     LesionConfig,
@@ -22,7 +22,7 @@ from sats.lesion import (
     surrounding_muscle,
     write_lesion_dataset,
 )
-from sats.phantom import PhantomConfig, make_case
+from sats.data.phantom import PhantomConfig, make_case
 
 runner = CliRunner()
 
@@ -174,7 +174,7 @@ def test_real_openkbp_ct_gets_a_lesion_at_the_nasopharynx(openkbp, case):
 def test_the_nasopharynx_search_refuses_an_empty_head():
     head = Volume(np.full((40, 60, 60), 40, np.int16), spacing=(2.0, 2.0, 2.0), origin=(-59.0, -59.0, -39.0))
     with pytest.raises(NoNasopharynx):
-        from sats.lesion import find_nasopharynx
+        from sats.data.lesion import find_nasopharynx
 
         find_nasopharynx(head)
 
@@ -182,7 +182,7 @@ def test_the_nasopharynx_search_refuses_an_empty_head():
 def test_a_contrast_range_draws_within_it_and_keeps_the_other_draws():
     # A faint test bed (--contrast-range 0 5) must hold the same lesions as the default one
     # (same seed) but for their contrast: the range replaces the draw, not the rng order.
-    from sats.lesion import Draw
+    from sats.data.lesion import Draw
 
     faint = [Draw.sample(LesionConfig(contrast_range=(0.0, 5.0)), np.random.default_rng(s)) for s in range(40)]
     usual = [Draw.sample(LesionConfig(), np.random.default_rng(s)) for s in range(40)]

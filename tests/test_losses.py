@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sats.losses import SegmentationLoss, asymmetric_mask, margin_loss
+from sats.model.losses import SegmentationLoss, asymmetric_mask, margin_loss
 
 
 def test_asymmetric_mask_paper_and_union() -> None:

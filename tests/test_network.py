@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sats.network import EncoderDecoder, ProjectionHead, SATsNet, count_parameters, plan_network
+from sats.model.network import EncoderDecoder, ProjectionHead, SATsNet, count_parameters, plan_network
 
 
 def test_paper_plan_matches_nnunet() -> None:
@@ -71,7 +71,7 @@ def test_projection_head_layers() -> None:
 
 
 def test_channels_last_rule_follows_the_first_level_width() -> None:
-    from sats.network import prefers_channels_last
+    from sats.model.network import prefers_channels_last
 
     narrow = plan_network((24, 80, 80), (3.0, 1.6, 1.6), base_features=8, max_features=128)
     wide = plan_network((24, 80, 80), (3.0, 1.6, 1.6), base_features=32, max_features=320)
@@ -81,7 +81,7 @@ def test_channels_last_rule_follows_the_first_level_width() -> None:
 
 
 def test_channels_last_model_computes_the_same_function() -> None:
-    from sats.network import to_preferred_layout
+    from sats.model.network import to_preferred_layout
 
     plan = plan_network((16, 32, 32), (3.0, 1.6, 1.6), base_features=8, max_features=32)
     torch.manual_seed(0)

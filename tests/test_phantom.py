@@ -10,11 +10,11 @@ import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from sats.cli import app
-from sats.dataset import check_dataset
-from sats.io import read_image, to_sitk
-from sats.phantom import MUSCLE_HU, PhantomConfig, make_case
-from sats.preprocessing import body_mask
-from sats.symmetry import Plane
+from sats.data.dataset import check_dataset
+from sats.data.io import read_image, to_sitk
+from sats.data.phantom import MUSCLE_HU, PhantomConfig, make_case
+from sats.geometry.preprocessing import body_mask
+from sats.geometry.symmetry import Plane
 
 
 def reflect(volume, plane: Plane) -> np.ndarray:

@@ -29,11 +29,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_io import rotation
 
-from sats.dataset import load_dataset_json
-from sats.dicom import read_dicom_series, write_ct_series
-from sats.evaluation import evaluate_folders
-from sats.export import read_rtstruct_roi, write_rtstruct
-from sats.io import SatsError, Volume, read_image, write_image
+from sats.data.dataset import load_dataset_json
+from sats.data.dicom import read_dicom_series, write_ct_series
+from sats.evaluation.metrics import evaluate_folders
+from sats.predict.export import read_rtstruct_roi, write_rtstruct
+from sats.data.io import SatsError, Volume, read_image, write_image
 
 FUZZ = int(os.environ.get("SATS_FUZZ_EXAMPLES", "0"))
 

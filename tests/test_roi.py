@@ -1,4 +1,4 @@
-"""The prediction ROI (sats.roi): bounded, symmetric, and missing no tumour voxel."""
+"""The prediction ROI (sats.predict.roi): bounded, symmetric, and missing no tumour voxel."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from sats.io import Volume
-from sats.phantom import PhantomConfig, make_case
-from sats.preprocessing import foreground_samples, intensity_stats, preprocess
-from sats.roi import Localiser, box_to_roi, find_roi, fit_localiser, landmark_box, whole_roi
+from sats.data.io import Volume
+from sats.data.phantom import PhantomConfig, make_case
+from sats.geometry.preprocessing import foreground_samples, intensity_stats, preprocess
+from sats.predict.roi import Localiser, box_to_roi, find_roi, fit_localiser, landmark_box, whole_roi
 
 SPACING = (3.0, 1.6, 1.6)
 PATCH = (24, 80, 80)
@@ -80,9 +80,9 @@ def test_an_untrained_localiser_falls_back_to_a_bounded_landmark_roi(phantom_cas
 
 
 def test_landmark_roi_covers_lesions_inserted_into_real_ct(openkbp, tmp_path):
-    from sats.io import read_image
-    from sats.lesion import LesionConfig, write_lesion_dataset
-    from sats.alignment import find_plane
+    from sats.data.io import read_image
+    from sats.data.lesion import LesionConfig, write_lesion_dataset
+    from sats.geometry.alignment import find_plane
 
     data = tmp_path / "bed"
     write_lesion_dataset(data, openkbp, n_train=0, n_test=2, seed=3, config=LesionConfig(), workers=2)
@@ -97,7 +97,7 @@ def test_landmark_roi_covers_lesions_inserted_into_real_ct(openkbp, tmp_path):
 
 
 def test_precision_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
-    import sats.inference as inference
+    import sats.predict.inference as inference
 
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
     assert inference.resolve_precision("auto", "cpu") == "bf16"
@@ -108,10 +108,10 @@ def test_precision_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
 
 
 def test_prediction_over_a_roi_is_zero_outside_it(tiny_trained_run):
-    from sats.dataset import list_cases
-    from sats.inference import load_run, native_box, predict_case, preprocess_for
-    from sats.io import read_image
-    from sats.roi import Roi
+    from sats.data.dataset import list_cases
+    from sats.predict.inference import load_run, native_box, predict_case, preprocess_for
+    from sats.data.io import read_image
+    from sats.predict.roi import Roi
 
     run_dir, data = tiny_trained_run
     run = load_run(run_dir)

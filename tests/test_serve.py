@@ -123,7 +123,7 @@ class Node:
 
 
 def jobs(store: Path) -> list[dict]:
-    from sats.serve import JobQueue
+    from sats.predict.serve import JobQueue
 
     q = JobQueue(store)
     try:
@@ -147,7 +147,7 @@ def lung_run(tiny_trained_run, tmp_path_factory):
     """A RUN whose model marks about 0.5 % of the 4D-Lung CT (a tiny trained model, calibrated)."""
     from conftest import _shared, predicting_run
 
-    from sats.dicom import read_dicom_series
+    from sats.data.dicom import read_dicom_series
 
     ct = read_dicom_series(_shared("dicom/4d-lung") / "ct")
     return predicting_run(tiny_trained_run[0], ct, tmp_path_factory.mktemp("serve") / "run", fraction=0.005)
@@ -158,8 +158,8 @@ def _ct_files(lung_dicom: Path) -> list[Path]:
 
 
 def test_a_series_sent_to_the_node_comes_back_as_the_rtstruct_of_sats_predict(lung_dicom, lung_run, tmp_path):
-    from sats.export import read_rtstruct_roi
-    from sats.inference import PredictOptions, predict_paths
+    from sats.predict.export import read_rtstruct_roi
+    from sats.predict.inference import PredictOptions, predict_paths
 
     tps = PlanningSystem()
     node = Node(lung_run, tmp_path / "store", "--send-to", f"TPS@127.0.0.1:{tps.port}", "--allow", "PACS,OTHER")

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sats.io import Volume, write_image
-from sats.patches import AugmentConfig, CaseArrays, sample_patch
-from sats.symmetry import mirror_lr
-from sats.training import preset, split_folds, train
+from sats.data.io import Volume, write_image
+from sats.model.patches import AugmentConfig, CaseArrays, sample_patch
+from sats.geometry.symmetry import mirror_lr
+from sats.model.training import preset, split_folds, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,16 +130,16 @@ DDP_SCRIPT = r"""
 import hashlib, json, os, sys
 from pathlib import Path
 import torch
-import sats.io
-from sats.training import preset, train
+import sats.data.io
+from sats.model.training import preset, train
 
 rank = int(os.environ["RANK"])
 writes = []
-enter = sats.io.atomic_path.__enter__
+enter = sats.data.io.atomic_path.__enter__
 def logged(self):
     writes.append(str(self.path))
     return enter(self)
-sats.io.atomic_path.__enter__ = logged
+sats.data.io.atomic_path.__enter__ = logged
 
 cfg = preset("cpu")
 for k, v in json.loads(sys.argv[3]).items():
@@ -173,8 +173,8 @@ def test_ddp_two_cpu_ranks_agree_and_only_rank0_writes(tmp_path) -> None:
 
 
 def test_a_ct_that_cannot_be_aligned_is_left_out_not_fatal(tmp_path, monkeypatch) -> None:
-    import sats.alignment as alignment
-    from sats.preprocessing import grid_centre_plane
+    import sats.geometry.alignment as alignment
+    from sats.geometry.preprocessing import grid_centre_plane
 
     data = make_tiny_dataset(tmp_path / "data")
     calls = []
@@ -200,7 +200,7 @@ def test_a_ct_that_cannot_be_aligned_is_left_out_not_fatal(tmp_path, monkeypatch
 
 
 def test_bf16_training_only_where_the_cpu_computes_it(monkeypatch) -> None:
-    import sats.training as tr
+    import sats.model.training as tr
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: False)

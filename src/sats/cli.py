@@ -1,6 +1,6 @@
 """The ``sats`` command line: one command per pipeline stage.
 
-Every command turns a :class:`sats.io.SatsError` into one line on stderr and exit code 1.
+Every command turns a :class:`sats.data.io.SatsError` into one line on stderr and exit code 1.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from sats.hardware import use_available_cores
-from sats.io import SatsError
+from sats.data.io import SatsError
 
 app = typer.Typer(
     add_completion=False,
@@ -75,7 +75,7 @@ def phantom(
     """Write a synthetic head-and-neck planning-CT dataset with NPC GTV labels, or (with
     --background) real CTs with inserted NPC-like GTVs."""
     if background is not None:
-        from sats.lesion import LesionConfig, write_lesion_dataset
+        from sats.data.lesion import LesionConfig, write_lesion_dataset
 
         analytic_only = {"--max-angle": max_angle, "--max-shift": max_shift, "--noise": noise, "--size": size,
                          "--tumor-free": tumor_free or None}
@@ -99,7 +99,7 @@ def phantom(
         return
     if volume_ml is not None or contrast_range is not None:
         raise SatsError("--volume-ml, --contrast-range: only with --background (the analytic phantom sets its GTV itself)")
-    from sats.phantom import PhantomConfig, write_phantom_dataset
+    from sats.data.phantom import PhantomConfig, write_phantom_dataset
 
     config = PhantomConfig(
         tumor_contrast=12.0 if tumor_contrast is None else tumor_contrast,
@@ -117,7 +117,7 @@ def phantom(
 @user_errors
 def check(dataset: Path = typer.Argument(..., help="Dataset folder in nnU-Net v2 raw layout.")) -> None:
     """Validate a dataset: pairs, geometry, label values, CT intensities; print a per-case table."""
-    from sats.dataset import check_dataset, print_report
+    from sats.data.dataset import check_dataset, print_report
 
     report = check_dataset(dataset, console=err_console)  # progress bar on stderr, table on stdout
     print_report(report, console=console, err_console=err_console)
@@ -135,7 +135,7 @@ def evaluate(
     tolerance: float = typer.Option(1.0, "--nsd-tolerance", help="NSD tolerance, mm."),
 ) -> None:
     """DSC, HD95, ASD and NSD of predictions against references, matched by case id."""
-    from sats.evaluation import evaluate_folders, plot_dice, print_summary, write_csv
+    from sats.evaluation.metrics import evaluate_folders, plot_dice, print_summary, write_csv
 
     results = evaluate_folders(pred, gt, nsd_tolerance_mm=tolerance, console=console)
     if csv is not None:
@@ -155,8 +155,8 @@ def summary(
     """Print the planned encoder-decoder stage by stage and its parameter count."""
     from rich.table import Table
 
-    from sats.network import EncoderDecoder, count_parameters, plan_network
-    from sats.config import preset
+    from sats.model.network import EncoderDecoder, count_parameters, plan_network
+    from sats.model.config import preset
 
     cfg = preset(preset_name)
     patch_size = tuple(patch) if patch else cfg.patch_size
@@ -209,8 +209,8 @@ def train(
     compile_net: bool = typer.Option(False, "--compile", help="CUDA: torch.compile the encoder-decoder (2.1x the steps/s of a paper-preset step on an H200; the first steps wait for compilation)."),
 ) -> None:
     """Train SATs: stage 1 (Siamese encoder-decoder), stage 2 (projection head + margin loss)."""
-    from sats.config import parse_fold, preset
-    from sats.training import train as run_training
+    from sats.model.config import parse_fold, preset
+    from sats.model.training import train as run_training
 
     cfg = preset(preset_name)
     if epochs is not None:
@@ -240,7 +240,7 @@ def train(
     if patch_size is not None:
         cfg.patch_size = tuple(patch_size)
     if variant is not None:
-        from sats.ablation import VARIANTS
+        from sats.evaluation.ablation import VARIANTS
 
         if variant not in VARIANTS:
             raise SatsError(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
@@ -278,7 +278,7 @@ def ablation(
     Variants: unet, siamese, margin-no-head, sats, sats-joint (the default set), and sats-unsup
     (margin-loss region from registration, no label), sats-semi and sats-semi-joint (plus --unlabelled CTs;
     paired against sats and sats-joint too)."""
-    from sats.ablation import AblationSettings, run_ablation
+    from sats.evaluation.ablation import AblationSettings, run_ablation
 
     settings = AblationSettings(
         dataset=str(dataset.resolve()), preset=preset_name, variants=[v.strip() for v in variants.split(",") if v.strip()],
@@ -308,7 +308,7 @@ def predict(
     all_components: bool = typer.Option(False, "--all-components", help="Keep every predicted island (default: the largest connected region only)."),
 ) -> None:
     """Segment the GTV of one CT or a folder of CTs; masks keep each input's exact geometry."""
-    from sats.inference import PredictOptions, predict_paths
+    from sats.predict.inference import PredictOptions, predict_paths
 
     import torch
 
@@ -332,8 +332,8 @@ def rtstruct(
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID of the CT series (default: the CT series with most slices)."),
 ) -> None:
     """Write a mask as a DICOM RT Structure Set referencing its CT series (one GTV ROI)."""
-    from sats.export import check_roi_name, parse_color, write_rtstruct
-    from sats.io import read_image
+    from sats.predict.export import check_roi_name, parse_color, write_rtstruct
+    from sats.data.io import read_image
 
     rgb = parse_color(color)
     check_roi_name(name)
@@ -356,9 +356,9 @@ def align(
     """Find the mid-sagittal plane and resample the CT so it is the grid's central sagittal plane."""
     import SimpleITK as sitk
 
-    from sats.alignment import aligned_volume, estimate_plane, write_plane_json
-    from sats.io import atomic_path, read_image, write_image
-    from sats.dataset import check_ct
+    from sats.geometry.alignment import aligned_volume, estimate_plane, write_plane_json
+    from sats.data.io import atomic_path, read_image, write_image
+    from sats.data.dataset import check_ct
 
     ct = read_image(input_path)
     check_ct(ct, str(input_path))
@@ -386,9 +386,9 @@ def asymmetry(
     spacing: tuple[float, float, float] = typer.Option((2.0, 2.0, 2.0), "--spacing", help="Grid (z y x mm) on which the CT is registered to its mirror."),
 ) -> None:
     """Where a CT differs from its own mirror, without a label (paper Sec. 3.1, registration-based)."""
-    from sats.asymmetry import asymmetry_on_input_grid
-    from sats.dataset import check_ct
-    from sats.io import read_image, write_image
+    from sats.geometry.asymmetry import asymmetry_on_input_grid
+    from sats.data.dataset import check_ct
+    from sats.data.io import read_image, write_image
 
     ct = read_image(input_path)
     check_ct(ct, str(input_path))
@@ -420,8 +420,8 @@ def serve(
     retry: Optional[Path] = typer.Option(None, "--retry", help="Queue this store folder's failed jobs again (send, or predict) and exit."),
 ) -> None:
     """Run a DICOM node: receive CT series (C-STORE), predict the GTV, send the RTSTRUCT back."""
-    from sats.serve import Destination, JobQueue, ServeOptions, status_table
-    from sats.serve import serve as run_node
+    from sats.predict.serve import Destination, JobQueue, ServeOptions, status_table
+    from sats.predict.serve import serve as run_node
 
     if status is not None:
         console.print(status_table(status))
@@ -457,9 +457,9 @@ def make_atlas_cmd(
     max_cases: int = typer.Option(20, "--max-cases", min=1, help="Use at most this many training cases."),
 ) -> None:
     """Build a bilaterally symmetric atlas from self-aligned cases and their mirrors."""
-    from sats.alignment import make_atlas
-    from sats.dataset import list_cases
-    from sats.io import read_image, write_image
+    from sats.geometry.alignment import make_atlas
+    from sats.data.dataset import list_cases
+    from sats.data.io import read_image, write_image
 
     cases = list_cases(dataset, "Tr")[:max_cases]
     if not cases:

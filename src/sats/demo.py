@@ -12,14 +12,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sats.dataset import check_dataset, list_cases, print_report
-from sats.evaluation import evaluate_folders, plot_dice, print_summary, write_csv
-from sats.figures import asymmetry_png, overlay_png
-from sats.inference import load_run, predict_case, predict_paths
-from sats.io import SatsError, read_image
-from sats.phantom import PhantomConfig, write_phantom_dataset
-from sats.config import preset
-from sats.training import train
+from sats.data.dataset import check_dataset, list_cases, print_report
+from sats.evaluation.metrics import evaluate_folders, plot_dice, print_summary, write_csv
+from sats.evaluation.figures import asymmetry_png, overlay_png
+from sats.predict.inference import load_run, predict_case, predict_paths
+from sats.data.io import SatsError, read_image
+from sats.data.phantom import PhantomConfig, write_phantom_dataset
+from sats.model.config import preset
+from sats.model.training import train
 
 
 def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> list:

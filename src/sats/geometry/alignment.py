@@ -1,6 +1,6 @@
 """Symmetric alignment: find a head CT's mid-sagittal plane and resample the CT so that
 the plane becomes the central sagittal plane of the grid (then the left-right array flip
-of :mod:`sats.symmetry` is the anatomical mirror).
+of :mod:`sats.geometry.symmetry` is the anatomical mirror).
 
 **Atlas-free (default).** The plane about which the CT best matches its own reflection:
 normalised cross-correlation of HU (air to bone, metal clipped) at body voxels deeper
@@ -16,8 +16,8 @@ image lives in atlas space, whose central sagittal plane is the atlas's plane.
 
 In every mode the result is an :class:`Alignment`: the plane in the input's physical
 (LPS mm) space with symmetry scores before and after. The resampling onto the symmetric
-grid (:func:`sats.preprocessing.symmetric_grid`) and back onto the input grid
-(:func:`sats.preprocessing.resample_to`) needs only that plane, so the alignment is
+grid (:func:`sats.geometry.preprocessing.symmetric_grid`) and back onto the input grid
+(:func:`sats.geometry.preprocessing.resample_to`) needs only that plane, so the alignment is
 invertible by construction; :func:`aligned_volume` also returns the rigid transform
 from the aligned frame to the input.
 """
@@ -34,10 +34,10 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from sats.io import SatsError, Volume, from_sitk, to_sitk, write_text_atomic
-from sats.volume import itk_reason
-from sats.preprocessing import body_mask, grid_centre_plane
-from sats.symmetry import Plane, mirror_lr
+from sats.data.io import SatsError, Volume, from_sitk, to_sitk, write_text_atomic
+from sats.geometry.volume import itk_reason
+from sats.geometry.preprocessing import body_mask, grid_centre_plane
+from sats.geometry.symmetry import Plane, mirror_lr
 
 #: HU window for registration: air to dense bone; metal streaks above it are clipped.
 HU_WINDOW = (-400.0, 1500.0)
@@ -321,7 +321,7 @@ def aligned_volume(ct: Volume, plane: Plane, spacing: tuple[float, float, float]
     Returns the aligned volume and the rigid transform mapping aligned-space points to
     input points (ITK's resampling convention; ``GetInverse()`` maps back).
     """
-    from sats.preprocessing import resample_to, symmetric_grid
+    from sats.geometry.preprocessing import resample_to, symmetric_grid
 
     grid = symmetric_grid(ct, spacing or ct.spacing, plane)
     frame = grid.direction
@@ -407,7 +407,7 @@ def make_atlas(cts: list[Volume], spacing: tuple[float, float, float] = (3.0, 1.
     size_xyz = np.ceil((np.array([2 * half_x, hi[1] - lo[1], hi[2] - lo[2]])) / np.array(spacing[::-1])).astype(int) + 1
     size_xyz[0] += size_xyz[0] % 2
     origin = np.array([-(size_xyz[0] - 1) / 2 * spacing[2], lo[1], lo[2]])
-    from sats.preprocessing import resample_to
+    from sats.geometry.preprocessing import resample_to
 
     reference = Volume(np.zeros(tuple(size_xyz[::-1]), np.uint8), spacing=spacing, origin=tuple(origin))
     total = np.zeros(reference.shape, np.float32)

@@ -4,12 +4,12 @@ One resampling takes a CT from its native grid to the **symmetric grid**: axes a
 with the mid-sagittal plane (x = plane normal, towards the patient's left), voxel centres
 placed so that the plane is exactly the central sagittal plane, the target spacing, and
 the extent cropped to the body (in z and y freely, in x symmetrically about the plane).
-A left-right flip of the last array axis is then the anatomical mirror (:mod:`sats.symmetry`).
+A left-right flip of the last array axis is then the anatomical mirror (:mod:`sats.geometry.symmetry`).
 
 The symmetric grid is an ordinary grid in physical space, so mapping a prediction back
 is a resampling onto the input grid (:func:`resample_to`): no transform bookkeeping.
 Without a plane estimate the plane defaults to the input grid's own central sagittal
-plane (what a naive flip assumes); :mod:`sats.alignment` supplies real estimates.
+plane (what a naive flip assumes); :mod:`sats.geometry.alignment` supplies real estimates.
 
 CT intensities are normalised as nnU-Net does for CT: clip to the 0.5 / 99.5 percentiles
 of foreground (label) HU over the training set, then subtract their mean and divide by
@@ -24,8 +24,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sats.io import SatsError, Volume, from_sitk, to_sitk
-from sats.symmetry import Plane
+from sats.data.io import SatsError, Volume, from_sitk, to_sitk
+from sats.geometry.symmetry import Plane
 
 BODY_HU = -500.0  # air/body threshold
 

@@ -13,7 +13,7 @@ patch of 56 x 192 x 192 at 3 x 1 x 1 mm (strides 1, (1,2,2), 2, 2, 2, (1,2,2)). 
 network is the default; ``residual=True`` gives residual blocks.
 
 Tensors are ``(B, C, D, H, W)`` = ``(batch, channels, z, y, x)``; the left-right axis is
-the last one (see :mod:`sats.symmetry`).
+the last one (see :mod:`sats.geometry.symmetry`).
 """
 
 from __future__ import annotations

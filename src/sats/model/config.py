@@ -13,8 +13,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from sats.losses import AsymRegion  # defined beside the loss that uses it
-from sats.volume import SatsError
+from sats.model.losses import AsymRegion  # defined beside the loss that uses it
+from sats.geometry.volume import SatsError
 
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["two-stage", "joint"]
@@ -45,7 +45,7 @@ class TrainConfig:
     preset: str = "paper"
     patch_size: tuple[int, int, int] = (56, 192, 192)
     spacing: tuple[float, float, float] | None = None  # None: the dataset's median spacing
-    align: bool = True  # resample each CT about its own mid-sagittal plane (sats.alignment)
+    align: bool = True  # resample each CT about its own mid-sagittal plane (sats.geometry.alignment)
     atlas: str | None = None  # symmetric atlas image: find the plane by affine registration to it
     base_features: int = 32
     max_features: int = 320
@@ -67,7 +67,7 @@ class TrainConfig:
     # The paper gives no beta. 0.1 keeps the margin term (about 16-20 for asymmetric
     # voxels, 0-4 for symmetric ones) on the scale of Dice + BCE.
     beta: float = 0.1
-    # "paper" (Eq. 1: s - s∩s'), "union" (s XOR s') or "unsupervised" (m_unsup, sats.asymmetry)
+    # "paper" (Eq. 1: s - s∩s'), "union" (s XOR s') or "unsupervised" (m_unsup, sats.geometry.asymmetry)
     asym_region: AsymRegion = field(default="paper", metadata={"option": "--asym-region"})
     # Unlabelled CTs (a folder; imagesTr entries without a label join them): in the stages
     # with the margin loss, this share of every batch is unlabelled patches, which add only
@@ -95,7 +95,7 @@ class TrainConfig:
     # axis, use the data's spacing there and a patch covering the same millimetres.
     follow_data: bool = True
     grad_clip: float = 12.0
-    # The ROI localiser (sats.roi), fitted after training; 0 leaves it out (prediction
+    # The ROI localiser (sats.predict.roi), fitted after training; 0 leaves it out (prediction
     # then takes the landmark ROI).
     localiser_iters: int = 300
 

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from sats.io import SatsError, atomic_path
+from sats.data.io import SatsError, atomic_path
 
-log = logging.getLogger("sats.serve")
+log = logging.getLogger("sats.predict.serve")
 
 STATES = ("receiving", "received", "predicting", "predicted", "sent", "done", "failed")
 #: Status of a C-STORE response (PS3.4 Annex B): success, out of resources, cannot understand.
@@ -281,7 +281,7 @@ class Node:
     """A running node: the SCP, the prediction workers and the sender."""
 
     def __init__(self, run_dir: Path, store: Path, options: ServeOptions) -> None:
-        from sats.inference import PredictOptions, load_run
+        from sats.predict.inference import PredictOptions, load_run
 
         self.run = load_run(Path(run_dir), options.device)  # one model, shared by the workers; first: a bad RUN leaves no store
         self.store, self.opt = Path(store).resolve(), options
@@ -294,7 +294,7 @@ class Node:
 
     # The same path as `sats predict --format rtstruct|seg` on one series folder.
     def predict_series(self, study: str, series: str) -> Path:
-        from sats.inference import output_paths, predict_case, read_and_preprocess, roi_for, write_outputs
+        from sats.predict.inference import output_paths, predict_case, read_and_preprocess, roi_for, write_outputs
 
         folder = self.store / "incoming" / study / series
         out_dir = self.store / "outgoing" / study / series
@@ -434,7 +434,7 @@ def serve(run_dir: Path, store: Path, options: ServeOptions, log_level: str = "I
 def setup_logging(store: Path, level: str = "INFO") -> None:
     """Log lines to stderr and ``DIR/serve.log``: time, level, message (which names UIDs)."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    root = logging.getLogger("sats.serve")
+    root = logging.getLogger("sats.predict.serve")
     root.setLevel(level.upper())
     root.handlers.clear()
     for handler in (logging.StreamHandler(), logging.FileHandler(Path(store) / "serve.log")):

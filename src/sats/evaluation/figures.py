@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from sats.io import Volume, atomic_path
+from sats.data.io import Volume, atomic_path
 
 WINDOW = (-160.0, 240.0)  # soft-tissue window W400 / L40
 

@@ -20,7 +20,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.datadict import keyword_for_tag
 
-from sats.volume import SatsError, Volume, itk_reason
+from sats.geometry.volume import SatsError, Volume, itk_reason
 
 #: SOP Class UID of CT Image Storage.
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -6,7 +6,7 @@ into them gives a test bed whose only *label* is synthetic while the anatomy, it
 asymmetries and the scanner's noise are real: lesion insertion, as in virtual imaging
 trials. Every coordinate below is in the **head frame** of the aligned CT (mm; x = patient
 right -> left with the mid-sagittal plane at x = 0, y = anterior -> posterior, z =
-inferior -> superior), found by :mod:`sats.alignment`; the lesion is mapped back onto the
+inferior -> superior), found by :mod:`sats.geometry.alignment`; the lesion is mapped back onto the
 CT's own grid at the end, so the output keeps the input's exact geometry.
 
 **1. Landmarks: where is the nasopharynx?** (:func:`find_nasopharynx`, on a 2 mm grid)
@@ -93,8 +93,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from sats.hardware import available_cores
-from sats.io import SatsError, Volume, read_image, write_image, write_text_atomic
-from sats.symmetry import Plane
+from sats.data.io import SatsError, Volume, read_image, write_image, write_text_atomic
+from sats.geometry.symmetry import Plane
 
 #: Working grid of the landmark search (z, y, x) mm.
 WORK_SPACING = (2.0, 2.0, 2.0)
@@ -182,7 +182,7 @@ def _disk(radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:
 def enclosed_air(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """Air inside the patient's outline in each axial slice (after a 3 mm closing); the
     patient is the largest connected body of tissue, so a couch or mask is left out."""
-    from sats.preprocessing import body_mask
+    from sats.geometry.preprocessing import body_mask
 
     tissue = body_mask(hu)
     disk = _disk(3.0, spacing[1:])
@@ -323,7 +323,7 @@ def find_nasopharynx(head: Volume) -> Nasopharynx:
 
     Args:
         head: CT in HU on a head-frame grid (identity direction, x = 0 on the mid-sagittal
-            plane), e.g. :func:`sats.alignment.aligned_volume` at ``WORK_SPACING``.
+            plane), e.g. :func:`sats.geometry.alignment.aligned_volume` at ``WORK_SPACING``.
     Raises:
         NoNasopharynx: with the reason, when any step or check fails.
     """
@@ -512,7 +512,7 @@ class Draw:
 
 def _head(ct: Volume) -> tuple[Volume, HeadFrame, Plane]:
     """The CT on the 2 mm head-frame grid, its frame and its mid-sagittal plane."""
-    from sats.alignment import MIN_SYMMETRY, aligned_volume, find_plane
+    from sats.geometry.alignment import MIN_SYMMETRY, aligned_volume, find_plane
 
     # The landmark search needs the plane to a degree or so: two levels and 20k points
     # are about five times faster than the default search.
@@ -530,7 +530,7 @@ def _head(ct: Volume) -> tuple[Volume, HeadFrame, Plane]:
 def _grow(ct: Volume, frame: HeadFrame, npx: Nasopharynx, draw: Draw, rng: np.random.Generator) -> tuple[np.ndarray, Volume, tuple]:
     """Arrival times on a fine head-frame box around the nasopharynx (see the module
     docstring, 2.). Returns (times, the box as a Volume, the main seed's index)."""
-    from sats.preprocessing import resample_to
+    from sats.geometry.preprocessing import resample_to
 
     seed = npx.fossa[draw.side]
     step = float(np.clip(min(ct.spacing) / 2.0, 0.75, 1.5))
@@ -558,7 +558,7 @@ def _grow(ct: Volume, frame: HeadFrame, npx: Nasopharynx, draw: Draw, rng: np.ra
 def _label_of_volume(ct: Volume, times: np.ndarray, grid: Volume, seed: tuple, target_ml: float) -> tuple[np.ndarray, np.ndarray]:
     """(label, lesion fraction) on the CT's grid, the label of about ``target_ml``: the
     earliest-reached fine voxels, box-averaged over a CT voxel, >= 0.5 on soft tissue."""
-    from sats.preprocessing import resample_to
+    from sats.geometry.preprocessing import resample_to
 
     hu = ct.array.astype(np.float32)
     soft = (hu > AIR_HU) & (hu < BONE_HU)
@@ -694,7 +694,7 @@ def background_pools(background: Path) -> tuple[list[Path], list[Path] | None]:
     """(training pool, test pool) of background CTs. A dataset's ``imagesTr`` and
     ``imagesTs`` stay apart (test cases come from its test split); a plain folder of CTs
     is one pool (test pool None)."""
-    from sats.io import collect_inputs
+    from sats.data.io import collect_inputs
 
     background = Path(background)
     if not background.is_dir():
@@ -730,7 +730,7 @@ def _insert_job(job: tuple[Path, int, LesionConfig]) -> tuple[str, InsertedLesio
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one process per core instead
     try:
         ct = read_image(path)
-        from sats.dataset import check_ct
+        from sats.data.dataset import check_ct
 
         check_ct(ct, path.name)
         return path.name, insert_lesion(ct, config, _source_rng(seed, path.name))

@@ -1,7 +1,7 @@
 """Unsupervised asymmetric-region selection (paper Sec. 3.1, "registration-based"): where
 an aligned CT differs from its own left-right mirror, found without a label.
 
-On the symmetric grid (:mod:`sats.preprocessing`: the mid-sagittal plane is the central
+On the symmetric grid (:mod:`sats.geometry.preprocessing`: the mid-sagittal plane is the central
 sagittal plane and the last array axis is left-right) the mirror is ``mirror_lr(ct)``.
 Normal anatomy is only roughly symmetric, so the mirror is first **registered
 deformably** to the CT (SimpleITK's symmetric-forces demons, coarse to fine, the
@@ -20,14 +20,14 @@ than the skin, where couch and mask differences live), without regions smaller t
 ``min_ml``.
 
 By default (``region="nasopharynx"``) all of this happens in the box around the
-nasopharynx that prediction also looks in (:func:`sats.roi.landmark_box`: the lumen found
+nasopharynx that prediction also looks in (:func:`sats.predict.roi.landmark_box`: the lumen found
 after alignment, widened by 45-50 mm, symmetric about the plane); outside it the score is
 0. A head-and-neck CT is asymmetric in many places that say nothing about a GTV (mastoid
 air cells, a turned neck, the shoulders, the couch side), and registering the whole body
 costs several times as long. The registration sees the box widened by ``context_mm``:
 demons pulls on a crop's faces, and on tumour-free phantoms a tight crop left 10 ml of
 false asymmetry there. ``region="body"`` scores the whole grid. Like the label-based ``s XOR s'`` (``asym_region="union"`` in
-:func:`sats.losses.asymmetric_mask`) it marks both members of an asymmetric pair: the
+:func:`sats.model.losses.asymmetric_mask`) it marks both members of an asymmetric pair: the
 tumour and its healthy mirror partner, which are equally dissimilar pairs for the margin
 loss. The defaults were chosen by precision and recall against the label-based regions
 on training cases (BENCHMARKS.md, ``bench/asymmetry_eval.py``).
@@ -42,9 +42,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sats.io import SatsError, Volume, to_sitk
-from sats.preprocessing import Preprocessed, body_mask
-from sats.symmetry import mirror_lr
+from sats.data.io import SatsError, Volume, to_sitk
+from sats.geometry.preprocessing import Preprocessed, body_mask
+from sats.geometry.symmetry import mirror_lr
 
 #: HU window for registration and residual: air to dense soft tissue / thin bone. Bone and
 #: metal above it would dominate the residual with tiny misregistrations.
@@ -64,7 +64,7 @@ class AsymmetryConfig:
     threshold: float = 1.0  # score at or above which a voxel is asymmetric
     min_ml: float = 0.3  # smaller connected regions are dropped
     skin_mm: float = 5.0  # ignore the outermost mm of the body (couch, mask, skin folds)
-    region: str = "nasopharynx"  # where to look: "nasopharynx" (the landmark box of sats.roi) or "body"
+    region: str = "nasopharynx"  # where to look: "nasopharynx" (the landmark box of sats.predict.roi) or "body"
     context_mm: float = 20.0  # the registration sees the region widened by this much (scoring stays inside)
 
     def to_dict(self) -> dict:
@@ -128,7 +128,7 @@ def analysis_region(pre: Preprocessed, config: AsymmetryConfig | None = None, wi
 
 def _regions(pre: Preprocessed, cfg: AsymmetryConfig, widths_mm: tuple[float, ...]) -> list[tuple[slice, slice, slice]]:
     """:func:`analysis_region` widened by each of ``widths_mm``; the landmarks are found once."""
-    from sats.roi import box_to_roi, landmark_box
+    from sats.predict.roi import box_to_roi, landmark_box
 
     if cfg.region == "body":
         return [tuple(slice(0, n) for n in pre.grid.shape)] * len(widths_mm)  # type: ignore[list-item]
@@ -142,7 +142,7 @@ def asymmetry_cues(pre: Preprocessed, config: AsymmetryConfig | None = None) -> 
     """Register the mirror to the CT and measure what is left (see the module docstring).
 
     Args:
-        pre: the CT on its symmetric grid **in HU** (:func:`sats.preprocessing.preprocess`
+        pre: the CT on its symmetric grid **in HU** (:func:`sats.geometry.preprocessing.preprocess`
             with ``stats=None``): (z, y, x), the central sagittal plane is the mid-sagittal
             plane and the last axis is left-right.
     Returns:
@@ -204,7 +204,7 @@ def asymmetry_map(pre: Preprocessed, config: AsymmetryConfig | None = None) -> A
     """Unsupervised asymmetry of a CT on its symmetric grid: m_unsup and its soft score.
 
     Args:
-        pre: the CT on its symmetric grid in HU (:func:`sats.preprocessing.preprocess`
+        pre: the CT on its symmetric grid in HU (:func:`sats.geometry.preprocessing.preprocess`
             with ``stats=None``): (z, y, x), the central sagittal plane is the mid-sagittal
             plane, the last axis is left-right.
         config: settings (default :class:`AsymmetryConfig`).
@@ -237,15 +237,15 @@ def asymmetry_on_input_grid(ct: Volume, spacing: tuple[float, float, float] = DE
                             config: AsymmetryConfig | None = None) -> tuple[Volume, Volume, float]:
     """m_unsup and the soft score of a CT in any orientation, on the CT's own grid.
 
-    The CT is aligned (:func:`sats.alignment.estimate_plane`), resampled onto its symmetric
+    The CT is aligned (:func:`sats.geometry.alignment.estimate_plane`), resampled onto its symmetric
     grid at ``spacing`` (z, y, x mm), scored there (:func:`asymmetry_map`) and resampled back
     (the score linearly, the mask linearly then thresholded at 0.5).
 
     Returns:
         ``(mask uint8, score float32, seconds)``, both with ``ct``'s exact geometry.
     """
-    from sats.alignment import estimate_plane
-    from sats.preprocessing import preprocess, resample_to
+    from sats.geometry.alignment import estimate_plane
+    from sats.geometry.preprocessing import preprocess, resample_to
 
     t0 = time.time()
     pre = preprocess(ct, spacing, None, plane=estimate_plane(ct).plane)

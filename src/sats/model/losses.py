@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from sats.symmetry import LR_AXIS, mirror_lr
+from sats.geometry.symmetry import LR_AXIS, mirror_lr
 
 #: Where the margin loss pushes pairs apart: Eq. 1 ("paper"), ``s XOR s'`` ("union"), or
-#: the label-free m_unsup of :mod:`sats.asymmetry` ("unsupervised", precomputed per case).
+#: the label-free m_unsup of :mod:`sats.geometry.asymmetry` ("unsupervised", precomputed per case).
 AsymRegion = Literal["paper", "union", "unsupervised"]
 
 
@@ -47,7 +47,7 @@ def asymmetric_mask(seg: torch.Tensor, lr_axis: int = LR_AXIS, region: AsymRegio
     elif region == "union":
         m = s ^ s_mirror
     else:
-        raise ValueError(f"region must be paper or union, not {region!r} (unsupervised regions come from sats.asymmetry)")
+        raise ValueError(f"region must be paper or union, not {region!r} (unsupervised regions come from sats.geometry.asymmetry)")
     return m.to(torch.float32)
 
 

@@ -5,7 +5,7 @@ A RUN folder holds::
     config.json     RunConfig: the TrainConfig, network plan, grid spacing (z, y, x) mm,
                     intensity normalisation, dataset, labels and the train/validation split
     model.pt        final weights {"format", "model"}
-    localiser.pt    the ROI localiser (sats.roi) {"format", "channels", "model"}
+    localiser.pt    the ROI localiser (sats.predict.roi) {"format", "channels", "model"}
     checkpoint.pt   the last finished epoch: weights, optimiser, history, RNG state
     log.csv         one row per epoch (LOG_COLUMNS); curves.png draws it
     .lock           held (fcntl) while `sats train` writes into the folder
@@ -34,11 +34,11 @@ from typing import Iterator
 import torch
 
 from sats import __version__
-from sats.config import TrainConfig
-from sats.io import atomic_path, write_text_atomic
-from sats.network import NetworkPlan, SATsNet, to_preferred_layout
-from sats.preprocessing import IntensityStats
-from sats.volume import SatsError
+from sats.model.config import TrainConfig
+from sats.data.io import atomic_path, write_text_atomic
+from sats.model.network import NetworkPlan, SATsNet, to_preferred_layout
+from sats.geometry.preprocessing import IntensityStats
+from sats.geometry.volume import SatsError
 
 #: Bumped when RUN folders stop being readable by older code.
 RUN_FORMAT = 1
@@ -198,7 +198,7 @@ class Run:
             raise SatsError(f"{self.log_file}: damaged training log") from None
 
     def plot_curves(self, history: list[dict]) -> Path:
-        from sats.figures import training_curves_png
+        from sats.evaluation.figures import training_curves_png
 
         return training_curves_png(history, self.curves_file, self.config.train.stage1_epochs)
 

@@ -1,7 +1,7 @@
 """Segmentation metrics of predicted GTV masks against references: DSC, HD95, ASD, NSD.
 
 All arrays are ``(z, y, x)`` and every spacing is ``(z, y, x)`` in mm, as in
-:class:`sats.io.Volume`. Masks are binarised as ``> 0``.
+:class:`sats.data.io.Volume`. Masks are binarised as ``> 0``.
 
 Definitions (one foreground label, both masks on the same grid):
 
@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from sats.io import IMAGE_SUFFIXES, SatsError, atomic_path, case_id, is_image_file, read_image, write_text_atomic
+from sats.data.io import IMAGE_SUFFIXES, SatsError, atomic_path, case_id, is_image_file, read_image, write_text_atomic
 
 Spacing = tuple[float, float, float]
 

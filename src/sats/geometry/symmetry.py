@@ -3,7 +3,7 @@
 Arrays are ``(z, y, x)`` (tensors ``(B, C, z, y, x)``) and in LPS the x axis runs from the
 patient's right to left, so **the last axis is left-right** everywhere in sats. A flip
 along it, done on a volume whose mid-sagittal plane is the central sagittal plane of the
-grid (see :mod:`sats.alignment`), maps every voxel to its anatomical mirror partner.
+grid (see :mod:`sats.geometry.alignment`), maps every voxel to its anatomical mirror partner.
 The mirror is its own inverse.
 """
 

@@ -1,6 +1,6 @@
 """Training patches: sampling and augmentation that keep the mirror meaningful.
 
-Volumes arrive on the symmetric grid (:mod:`sats.preprocessing`): the mid-sagittal plane is
+Volumes arrive on the symmetric grid (:mod:`sats.geometry.preprocessing`): the mid-sagittal plane is
 the central sagittal plane, so flipping the last (left-right) axis of a window that is
 centred on that plane gives the mirrored anatomy. Every patch is therefore taken
 **centred in x on the volume's centre**; only z and y are random. The mirrored branch's
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from sats.symmetry import mirror_lr
+from sats.geometry.symmetry import mirror_lr
 
 
 @dataclass
@@ -33,7 +33,7 @@ class CaseArrays:
     symmetric about the central x plane. ``fg`` lists the voxel indices (n, 3) that
     foreground sampling centres on: the tumour, or m_unsup for an unlabelled case.
 
-    ``asym`` is the unsupervised asymmetric region m_unsup (:mod:`sats.asymmetry`), uint8,
+    ``asym`` is the unsupervised asymmetric region m_unsup (:mod:`sats.geometry.asymmetry`), uint8,
     where the run uses it; ``labelled`` is False for an unlabelled CT, whose ``label`` is
     all zeros and never enters the segmentation loss."""
 

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sats.io import IMAGE_SUFFIXES, SatsError, Volume, read_image
+from sats.data.io import IMAGE_SUFFIXES, SatsError, Volume, read_image
 from sats.progress import progress_bar
 
 SPLITS = ("Tr", "Ts")
@@ -486,7 +486,7 @@ def _status(row: CaseRow) -> str:
 
 def check_ct(volume: Volume, name: str) -> None:
     """Refuse images that are not 3D CT in HU (a clear message rather than a silent bad mask);
-    the rule is :func:`sats.dataset.ct_intensity_warning`'s."""
+    the rule is :func:`sats.data.dataset.ct_intensity_warning`'s."""
     if min(volume.shape) < 2:
         raise SatsError(f"{name}: a 3D CT is needed, got size {volume.shape[::-1]} (x, y, z)")
     problem = ct_intensity_warning(float(volume.array.min()), float(volume.array.max()))

@@ -1,7 +1,7 @@
 """Inference: sliding windows on the symmetric grid, then back to the input's exact grid.
 
 Pipeline of :func:`predict_case`: read -> the training run's preprocessing (plane,
-spacing, normalisation) -> the region of interest (:mod:`sats.roi`: the run's localiser,
+spacing, normalisation) -> the region of interest (:mod:`sats.predict.roi`: the run's localiser,
 else anatomical landmarks) -> sliding-window inference over the ROI with Gaussian
 weighting (sigma = patch / 8), optional mirror test-time augmentation -> probabilities
 resampled linearly onto the input grid -> threshold 0.5. Outside the ROI the probability
@@ -26,16 +26,16 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from sats.config import Precision, RoiMode, validate_options
-from sats.dataset import check_ct
+from sats.model.config import Precision, RoiMode, validate_options
+from sats.data.dataset import check_ct
 from sats.hardware import cpu_has_native_bf16
-from sats.io import SatsError, Volume, collect_inputs, read_image
-from sats.network import SATsNet
-from sats.preprocessing import IntensityStats, Preprocessed, keep_largest_component, preprocess, resample_to
-from sats.roi import Localiser, Roi, find_roi, load_localiser, whole_roi
-from sats.run import Run, RunConfig
-from sats.symmetry import mirror_lr
-from sats.volume import about
+from sats.data.io import SatsError, Volume, collect_inputs, read_image
+from sats.model.network import SATsNet
+from sats.geometry.preprocessing import IntensityStats, Preprocessed, keep_largest_component, preprocess, resample_to
+from sats.predict.roi import Localiser, Roi, find_roi, load_localiser, whole_roi
+from sats.model.run import Run, RunConfig
+from sats.geometry.symmetry import mirror_lr
+from sats.geometry.volume import about
 
 __all__ = ["LoadedRun", "PredictOptions", "Prediction", "check_ct", "collect_inputs", "keep_largest_component", "load_run", "predict_case", "predict_paths",
            "sliding_window_probabilities"]
@@ -53,7 +53,7 @@ class PredictOptions:
     Attributes:
         device: "cpu" or "cuda". precision: "fp32", "bf16" (autocast) or "auto" (bf16 where
             the CPU computes it natively (AMX or AVX512-BF16), else fp32).
-        roi: "auto" runs the network over the region of interest only (:mod:`sats.roi`),
+        roi: "auto" runs the network over the region of interest only (:mod:`sats.predict.roi`),
             "whole" over the whole body.
         overlap: window overlap as a fraction of the patch, in [0, 1).
         tta: average with the prediction of the left-right mirrored CT.
@@ -222,7 +222,7 @@ def count_windows(shape: tuple[int, ...], patch_size: tuple[int, ...], overlap: 
 
 def preprocess_for(run: LoadedRun, ct: Volume) -> Preprocessed:
     """The training run's preprocessing: its alignment mode, spacing and normalisation."""
-    from sats.alignment import estimate_plane
+    from sats.geometry.alignment import estimate_plane
 
     train = run.config.train
     plane = None
@@ -304,7 +304,7 @@ def paste(ct: Volume, box: tuple[slice, ...], values: np.ndarray) -> Volume:
 
 
 def roi_for(run: LoadedRun, ct: Volume, pre: Preprocessed, options: PredictOptions) -> Roi:
-    """The region the network runs over: :func:`sats.roi.find_roi`, or the whole grid for
+    """The region the network runs over: :func:`sats.predict.roi.find_roi`, or the whole grid for
     ``roi="whole"``."""
     if options.roi == "whole":
         return whole_roi(pre.image.shape)
@@ -332,7 +332,7 @@ def output_paths(output: Path, case_id: str, single: bool, fmt: str = "nifti") -
     named ``*.dcm``, else ``{case}_rtstruct.dcm`` / ``{case}_seg.dcm`` in the folder; the
     probability and asymmetry maps stay NIfTI beside it.
     """
-    from sats.io import IMAGE_SUFFIXES, strip_suffix
+    from sats.data.io import IMAGE_SUFFIXES, strip_suffix
 
     if fmt != "nifti":
         if single and output.suffix.lower() == ".dcm":
@@ -428,7 +428,7 @@ def read_and_preprocess(run: LoadedRun, path: Path, opt: PredictOptions) -> tupl
     if opt.fmt != "nifti" and not path.is_dir():
         raise SatsError(f"--format {opt.fmt} needs a DICOM CT series folder as input (the output references its slices)")
     if path.is_dir():
-        from sats.dicom import read_dicom_series  # pydicom only where DICOM is read
+        from sats.data.dicom import read_dicom_series  # pydicom only where DICOM is read
 
         ct = read_dicom_series(path, opt.series_uid)
     else:
@@ -439,11 +439,11 @@ def read_and_preprocess(run: LoadedRun, path: Path, opt: PredictOptions) -> tupl
 
 def write_outputs(pred: Prediction, source: Path, paths: dict[str, Path], name: str, opt: PredictOptions) -> str:
     """Write the mask (image, RTSTRUCT or SEG) and the optional maps; returns a note for the log."""
-    from sats.io import write_image
+    from sats.data.io import write_image
 
     note = ""
     if opt.fmt != "nifti":
-        from sats.export import write_rtstruct, write_seg  # pydicom only where DICOM is written
+        from sats.predict.export import write_rtstruct, write_seg  # pydicom only where DICOM is written
     if opt.fmt == "rtstruct":
         if not write_rtstruct(pred.mask, source, paths["mask"], series_uid=opt.series_uid, mask_name=name):
             note = " (empty: the RTSTRUCT holds the ROI without contours)"

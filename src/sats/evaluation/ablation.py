@@ -41,17 +41,17 @@ from pathlib import Path
 
 import numpy as np
 
-from sats.io import SatsError, atomic_path, write_text_atomic
-from sats.run import claim
+from sats.data.io import SatsError, atomic_path, write_text_atomic
+from sats.model.run import claim
 
-#: Options of :class:`sats.training.TrainConfig` that make each variant.
+#: Options of :class:`sats.model.training.TrainConfig` that make each variant.
 VARIANTS: dict[str, dict] = {
     "unet": {"siamese": False, "projection_head": False, "margin_loss": False},  # CT alone, Dice + BCE
     "siamese": {"projection_head": False, "margin_loss": False},  # Table 3 row 1
     "margin-no-head": {"projection_head": False, "margin_loss": True},  # row 2
     "sats": {},  # row 3: the paper's method
     "sats-joint": {"schedule": "joint"},  # head and margin loss from the first epoch, one stage
-    # Beyond the paper (sats.asymmetry): the margin loss's region from registration to the
+    # Beyond the paper (sats.geometry.asymmetry): the margin loss's region from registration to the
     # mirror instead of the label; and the labelled cases plus unlabelled CTs (--unlabelled).
     "sats-unsup": {"asym_region": "unsupervised"},
     "sats-semi": {},
@@ -110,7 +110,7 @@ class AblationSettings:
 
 def variant_config(settings: AblationSettings, variant: str, seed: int):
     """The TrainConfig of one run."""
-    from sats.config import parse_fold, preset
+    from sats.model.config import parse_fold, preset
 
     cfg = preset(settings.preset)
     if settings.epochs is not None:
@@ -275,9 +275,9 @@ def _run_done(run: Path) -> bool:
 
 def _test_planes(dataset: Path, out: Path, align: bool, console) -> dict[str, dict | None]:
     """The mid-sagittal plane of each test CT, estimated once for the whole study."""
-    from sats.alignment import UnreliablePlane, estimate_plane
-    from sats.dataset import list_cases
-    from sats.io import read_image
+    from sats.geometry.alignment import UnreliablePlane, estimate_plane
+    from sats.data.dataset import list_cases
+    from sats.data.io import read_image
 
     path = out / "test_planes.json"
     planes: dict = json.loads(path.read_text()) if path.exists() else {}
@@ -299,12 +299,12 @@ def _test_planes(dataset: Path, out: Path, align: bool, console) -> dict[str, di
 
 def _predict_and_score(run: Path, dataset: Path, planes: dict, console, device: str | None = None) -> list[dict]:
     """Predict every test CT into ``run/test`` (cases already there are kept), then score."""
-    from sats.dataset import list_cases
-    from sats.evaluation import compute_metrics
-    from sats.inference import load_run, predict_case
-    from sats.io import read_image, write_image
-    from sats.preprocessing import preprocess
-    from sats.symmetry import Plane
+    from sats.data.dataset import list_cases
+    from sats.evaluation.metrics import compute_metrics
+    from sats.predict.inference import load_run, predict_case
+    from sats.data.io import read_image, write_image
+    from sats.geometry.preprocessing import preprocess
+    from sats.geometry.symmetry import Plane
 
     scores = run / "metrics.csv"
     if scores.exists():
@@ -355,8 +355,8 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
     """Train, predict and evaluate every (variant, seed); resumable at any point."""
     from rich.console import Console
 
-    from sats.dataset import check_dataset, list_cases
-    from sats.training import train
+    from sats.data.dataset import check_dataset, list_cases
+    from sats.model.training import train
 
     console = console or Console()
     dataset, out = Path(settings.dataset), Path(out)

@@ -4,7 +4,7 @@ Read top to bottom: the case cache, the patch stream, one optimiser step
 (:func:`train_step`), then :func:`train`, a table of contents over named steps (set-up,
 cases, restore, epoch, end of epoch). Stage 1 trains the Siamese encoder-decoder with
 Dice + BCE, stage 2 adds the projection head and the margin loss; the ablations of the
-paper's Table 3 and the U-Net baseline are options of the same loop (:mod:`sats.config`).
+paper's Table 3 and the U-Net baseline are options of the same loop (:mod:`sats.model.config`).
 
 Runs unchanged under ``torchrun --nproc_per_node=N -m sats train ...`` (DDP, gloo on
 CPU, nccl on GPU): every rank samples its own patches, gradients are averaged, and only
@@ -28,20 +28,20 @@ import torch.distributed as dist
 from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
-from sats.config import TrainConfig, fit_to_data, preset
-from sats.dataset import check_dataset, list_cases, load_dataset_json
-from sats.evaluation import dice
+from sats.model.config import TrainConfig, fit_to_data, preset
+from sats.data.dataset import check_dataset, list_cases, load_dataset_json
+from sats.evaluation.metrics import dice
 from sats.hardware import available_cores, cpu_has_native_bf16, keep_freed_memory
-from sats.inference import sliding_window_probabilities
-from sats.io import SatsError, atomic_path, read_image, read_spacing, write_text_atomic
-from sats.losses import SegmentationLoss, asymmetric_mask, margin_loss
-from sats.network import SATsNet, count_parameters, plan_network, to_preferred_layout
-from sats.patches import AugmentConfig, CaseArrays, sample_patch
-from sats.preprocessing import IntensityStats, foreground_samples, intensity_stats, preprocess
+from sats.predict.inference import sliding_window_probabilities
+from sats.data.io import SatsError, atomic_path, read_image, read_spacing, write_text_atomic
+from sats.model.losses import SegmentationLoss, asymmetric_mask, margin_loss
+from sats.model.network import SATsNet, count_parameters, plan_network, to_preferred_layout
+from sats.model.patches import AugmentConfig, CaseArrays, sample_patch
+from sats.geometry.preprocessing import IntensityStats, foreground_samples, intensity_stats, preprocess
 from sats.progress import progress_bar
-from sats.run import RUN_FORMAT, Run, RunConfig, lock_folder
-from sats.symmetry import mirror_lr
-from sats.volume import about
+from sats.model.run import RUN_FORMAT, Run, RunConfig, lock_folder
+from sats.geometry.symmetry import mirror_lr
+from sats.geometry.volume import about
 
 __all__ = ["TrainConfig", "TrainResult", "fit_to_data", "preset", "train", "train_step"]
 
@@ -94,10 +94,10 @@ def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console
 
     ``meta.json`` is written last and names a key over the inputs and settings, so a cache
     left half-written by a killed run is simply rebuilt. A CT whose mid-sagittal plane is
-    unreliable (:class:`sats.alignment.UnreliablePlane`) is left out with a warning and
+    unreliable (:class:`sats.geometry.alignment.UnreliablePlane`) is left out with a warning and
     listed under ``left_out`` in ``meta.json``.
     """
-    from sats.alignment import UnreliablePlane, estimate_plane
+    from sats.geometry.alignment import UnreliablePlane, estimate_plane
 
     if cfg.spacing is None:
         raise ValueError("prepare_cases needs cfg.spacing set (see fit_to_data)")
@@ -169,7 +169,7 @@ def training_cases(dataset: Path):
 def unlabelled_inputs(dataset: Path, cfg: TrainConfig) -> list[tuple[str, Path]]:
     """``(case_id, path)`` of the unlabelled CTs: imagesTr entries without a label, then the
     images and DICOM series of ``cfg.unlabelled``."""
-    from sats.io import collect_inputs
+    from sats.data.io import collect_inputs
 
     cases = list_cases(dataset, "Tr")
     items = [(c.case_id, c.image) for c in cases if c.label is None]
@@ -189,7 +189,7 @@ def uses_asymmetry_maps(cfg: TrainConfig) -> bool:
 
 
 def _asym_key(image: Path, spacing, align: str, extra: dict | None = None) -> str:
-    from sats.asymmetry import AsymmetryConfig
+    from sats.geometry.asymmetry import AsymmetryConfig
 
     h = hashlib.sha256(json.dumps({"file": _fingerprint(Path(image)), "spacing": list(spacing), "align": align,
                                    "asym": AsymmetryConfig().to_dict(), **(extra or {})}, sort_keys=True).encode())
@@ -198,15 +198,15 @@ def _asym_key(image: Path, spacing, align: str, extra: dict | None = None) -> st
 
 def _hu_on_grid(ct, spacing, plane_dict: dict | None):
     """The CT in HU on its symmetric grid (the plane from the cache, or the grid's centre)."""
-    from sats.symmetry import Plane
+    from sats.geometry.symmetry import Plane
 
     return preprocess(ct, spacing, None, plane=Plane.from_dict(plane_dict) if plane_dict else None)
 
 
 def add_asymmetry_maps(dataset: Path, cache: Path, cases: list[CaseArrays], cfg: TrainConfig, console: Console | None) -> None:
-    """Give every labelled case its m_unsup (:mod:`sats.asymmetry`), computed once into the
+    """Give every labelled case its m_unsup (:mod:`sats.geometry.asymmetry`), computed once into the
     cache as ``{case}_asym.npy`` (keyed by file, grid, alignment and settings) and reused."""
-    from sats.asymmetry import asymmetry_map
+    from sats.geometry.asymmetry import asymmetry_map
 
     spacing = tuple(float(v) for v in cfg.spacing)  # type: ignore[union-attr]
     meta = json.loads((cache / "meta.json").read_text())
@@ -233,9 +233,9 @@ def prepare_unlabelled(items: list[tuple[str, Path]], cache: Path, cfg: TrainCon
     """Preprocess the unlabelled CTs (align, resample, normalise with the labelled cases'
     statistics) and compute their m_unsup, once, into ``cache``; a CT that cannot be
     aligned or read is left out with a warning. Resumable case by case."""
-    from sats.alignment import estimate_plane
-    from sats.asymmetry import asymmetry_map
-    from sats.dataset import check_ct
+    from sats.geometry.alignment import estimate_plane
+    from sats.geometry.asymmetry import asymmetry_map
+    from sats.data.dataset import check_ct
 
     spacing = tuple(float(v) for v in cfg.spacing)  # type: ignore[union-attr]
     align = alignment_mode(cfg)
@@ -452,7 +452,7 @@ def uses_bf16(amp: bool, device: torch.device) -> bool:
 
 def prepare_model(model: SATsNet, device: torch.device, amp: bool, compile: bool = False) -> SATsNet:
     """Move the model to ``device`` in its faster memory layout
-    (:func:`sats.network.prefers_channels_last`). On CUDA cuDNN also picks its fastest
+    (:func:`sats.model.network.prefers_channels_last`). On CUDA cuDNN also picks its fastest
     kernels for the fixed patch size, and with ``compile`` the encoder-decoder is compiled
     in place (``nn.Module.compile``: the state dict keeps its keys), 2.1x the steps/s."""
     model = model.to(device)
@@ -524,7 +524,7 @@ def train(
     console: Console | None = None,
     max_epochs: int | None = None,
 ) -> TrainResult:
-    """Train SATs on an nnU-Net-layout dataset into the RUN folder ``out`` (:mod:`sats.run`).
+    """Train SATs on an nnU-Net-layout dataset into the RUN folder ``out`` (:mod:`sats.model.run`).
 
     ``stage`` is "1", "2" or "all"; ``resume`` continues from ``out/checkpoint.pt`` with
     the configuration stored there; ``max_epochs`` stops this call after that many epochs
@@ -752,8 +752,8 @@ def end_of_epoch(run: Run, model: SATsNet, state: LoopState, row: dict, cases: C
 
 
 def train_localiser(run: Run, cases: Cases, cfg: TrainConfig, env: Setup) -> None:
-    """Fit the ROI localiser (:mod:`sats.roi`) on every labelled case of the run, once."""
-    from sats.roi import fit_localiser, save_localiser
+    """Fit the ROI localiser (:mod:`sats.predict.roi`) on every labelled case of the run, once."""
+    from sats.predict.roi import fit_localiser, save_localiser
 
     if run.localiser_file.exists() or cfg.localiser_iters == 0:
         return

@@ -15,7 +15,7 @@ Sources, tried in order (:func:`find_roi`):
    must hold at most :data:`LOCALISER_MAX_ML` and, widened by :data:`LOCALISER_MARGIN_MM`,
    fit in :data:`MAX_ROI_MM`; otherwise it is implausible and the next source is used.
 2. ``landmarks``: the nasopharyngeal lumen found after alignment
-   (:func:`sats.lesion.find_nasopharynx`), widened by :data:`NPC_MARGIN_MM`.
+   (:func:`sats.data.lesion.find_nasopharynx`), widened by :data:`NPC_MARGIN_MM`.
 3. ``body-top``: when no nasopharynx is found, a box of :data:`BODY_TOP_MM` on the
    midline at the top of the body.
 
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from sats.io import SatsError, Volume
-from sats.preprocessing import Preprocessed
+from sats.data.io import SatsError, Volume
+from sats.geometry.preprocessing import Preprocessed
 
 __all__ = ["LOCALISER_SPACING_MM", "Localiser", "Roi", "find_roi", "fit_localiser", "load_localiser", "whole_roi"]
 
@@ -181,7 +181,7 @@ def fit_localiser(cases: list, spacing: tuple[float, float, float], seed: int = 
     Trained this briefly it separates tumour from the rest (mean probability about 0.3
     inside, under 0.01 outside) without being calibrated, so :func:`localiser_box`
     thresholds relative to its maximum."""
-    from sats.losses import SegmentationLoss
+    from sats.model.losses import SegmentationLoss
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -207,14 +207,14 @@ def fit_localiser(cases: list, spacing: tuple[float, float, float], seed: int = 
 
 
 def save_localiser(model: Localiser, path: Path) -> None:
-    from sats.run import _save
+    from sats.model.run import _save
 
     _save(path, {"format": LOCALISER_FORMAT, "channels": list(model.channels), "model": model.state_dict()})
 
 
 def load_localiser(path: Path, device: torch.device | str = "cpu") -> Localiser | None:
     """The localiser in ``path`` (weights only), or None when there is none."""
-    from sats.run import _load
+    from sats.model.run import _load
 
     if not Path(path).exists():
         return None
@@ -253,8 +253,8 @@ def localiser_box(model: Localiser, image: np.ndarray, spacing: tuple[float, flo
 
 def landmark_box(ct: Volume, pre: Preprocessed) -> tuple[np.ndarray, np.ndarray, str]:
     """(lo, hi, source) in grid mm: around the nasopharyngeal lumen, or the top of the body."""
-    from sats.lesion import WORK_SPACING, SkipBackground, find_nasopharynx
-    from sats.preprocessing import resample_to
+    from sats.data.lesion import WORK_SPACING, SkipBackground, find_nasopharynx
+    from sats.geometry.preprocessing import resample_to
 
     # The CT in its head frame at WORK_SPACING over the symmetric grid's extent (same axes,
     # x = 0 on the plane): the frame find_nasopharynx reads.

@@ -1,8 +1,8 @@
 """Image I/O: readers and atomic writers for NIfTI, NRRD, MHA and DICOM CT folders.
 
-Every reader returns a :class:`sats.volume.Volume` (array ``(z, y, x)``, spacing
+Every reader returns a :class:`sats.geometry.volume.Volume` (array ``(z, y, x)``, spacing
 ``(z, y, x)`` mm, LPS origin and direction); the axis convention is stated once, in
-:mod:`sats.volume`. Every writer writes a temporary file beside the target and renames it.
+:mod:`sats.geometry.volume`. Every writer writes a temporary file beside the target and renames it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from sats.volume import SatsError, Volume, from_sitk, itk_reason, to_sitk
+from sats.geometry.volume import SatsError, Volume, from_sitk, itk_reason, to_sitk
 
 __all__ = ["SatsError", "Volume", "atomic_path", "collect_inputs", "from_sitk", "read_image", "to_sitk", "write_image", "write_text_atomic"]
 
@@ -61,7 +61,7 @@ def read_image(path: str | os.PathLike) -> Volume:
     if not path.exists():
         raise SatsError(f"{path}: no such file or folder")
     if path.is_dir():
-        from sats.dicom import read_dicom_series
+        from sats.data.dicom import read_dicom_series
 
         return read_dicom_series(path)
     if not path.name.lower().endswith(IMAGE_SUFFIXES):

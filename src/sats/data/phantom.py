@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from sats.io import SatsError, Volume, write_image, write_text_atomic
+from sats.data.io import SatsError, Volume, write_image, write_text_atomic
 
 MUSCLE_HU = 50.0
 

@@ -3,11 +3,11 @@
 Both writers take a mask on the grid of a DICOM CT series and reference that series, so a
 treatment-planning system can import the result next to the CT it was drawn on.
 
-Axes, once for the whole module. A mask :class:`~sats.io.Volume` read from the series has
+Axes, once for the whole module. A mask :class:`~sats.data.io.Volume` read from the series has
 ``array[k, j, i]`` with
 
 * ``k`` (array axis 0, "z") = the k-th CT slice in order along the slice normal
-  (:func:`sats.dicom.sort_slices`), i.e. one DICOM instance;
+  (:func:`sats.data.dicom.sort_slices`), i.e. one DICOM instance;
 * ``j`` (array axis 1, "y") = the DICOM **row** index (down the image, along the column
   direction cosine ``ImageOrientationPatient[3:]``, step ``PixelSpacing[0]``);
 * ``i`` (array axis 2, "x") = the DICOM **column** index (along the row direction cosine
@@ -40,8 +40,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from sats import __version__
-from sats.dicom import DicomSlice, choose_ct_series, sort_slices, truncated_element
-from sats.io import SatsError, Volume, atomic_path
+from sats.data.dicom import DicomSlice, choose_ct_series, sort_slices, truncated_element
+from sats.data.io import SatsError, Volume, atomic_path
 
 #: Default ROI / segment name: primary gross tumour volume.
 DEFAULT_ROI_NAME = "GTVp"

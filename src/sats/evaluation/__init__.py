@@ -1,0 +1,1 @@
+"""Evaluation: metrics in mm, the ablation study with its statistics, and figures."""

@@ -1,0 +1,2 @@
+"""Prediction: where to look (ROI), sliding-window inference back to the input grid,
+DICOM RTSTRUCT/SEG export and the DICOM node."""
