@@ -19,10 +19,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from sats.geometry.alignment import find_plane, find_plane_registration  # noqa: E402
 from sats.data.dataset import list_cases  # noqa: E402
 from sats.data.io import read_image  # noqa: E402
 from sats.data.phantom import PhantomConfig, make_case  # noqa: E402
+from sats.geometry.alignment import find_plane, find_plane_registration  # noqa: E402
 from sats.geometry.symmetry import Plane  # noqa: E402
 from test_alignment import rotate_about  # noqa: E402
 

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sats.geometry.alignment import estimate_plane
-from sats.geometry.asymmetry import AsymmetryConfig, asymmetry_cues, precision_recall, score_and_mask
 from sats.data.dataset import list_cases
 from sats.data.io import read_image
+from sats.geometry.asymmetry import AsymmetryConfig, asymmetry_cues, precision_recall, score_and_mask
+from sats.geometry.preprocessing import Preprocessor
 from sats.model.losses import asymmetric_mask
-from sats.geometry.preprocessing import preprocess
 
 
 def main() -> None:
@@ -44,7 +43,7 @@ def main() -> None:
     seconds = []
     for case in cases:
         ct, label = read_image(case.image), read_image(case.label)
-        pre = preprocess(ct, tuple(args.spacing), None, label=label, plane=estimate_plane(ct).plane)
+        pre = Preprocessor(tuple(args.spacing))(ct, label=label)
         s = torch.from_numpy(pre.label)
         paper = asymmetric_mask(s, region="paper").numpy()
         union = asymmetric_mask(s, region="union").numpy()

@@ -16,11 +16,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from sats.geometry.alignment import estimate_plane
-from sats.geometry.asymmetry import DEFAULT_SPACING, asymmetry_map, precision_recall
 from sats.data.io import read_image
+from sats.geometry.asymmetry import DEFAULT_SPACING, asymmetry_map, precision_recall
+from sats.geometry.preprocessing import Preprocessor
 from sats.model.losses import asymmetric_mask
-from sats.geometry.preprocessing import preprocess
 
 
 def main() -> None:
@@ -30,7 +29,7 @@ def main() -> None:
         dataset, case = item.rsplit(":", 1)
         ct = read_image(Path(dataset) / "imagesTr" / f"{case}_0000.nii.gz")
         label = read_image(Path(dataset) / "labelsTr" / f"{case}.nii.gz")
-        pre = preprocess(ct, DEFAULT_SPACING, None, label=label, plane=estimate_plane(ct).plane)
+        pre = Preprocessor(DEFAULT_SPACING)(ct, label=label)
         union = asymmetric_mask(torch.from_numpy(pre.label), region="union").numpy()
         m = asymmetry_map(pre).mask
         z = int(np.argmax(union.sum(axis=(1, 2))))

@@ -19,8 +19,9 @@ import numpy as np
 from scipy import ndimage
 
 from sats.data.io import read_image
-from sats.data.lesion import AIR_HU, BONE_HU, surrounding_muscle
-from sats.geometry.preprocessing import body_mask
+from sats.data.lesion import surrounding_muscle
+from sats.geometry.grid import body_mask
+from sats.geometry.landmarks import AIR_HU, BONE_HU
 
 
 def main(root: Path) -> None:

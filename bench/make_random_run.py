@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
+from sats.geometry.preprocessing import IntensityStats
 from sats.model.config import preset
 from sats.model.network import plan_network
-from sats.geometry.preprocessing import IntensityStats
-from sats.predict.roi import Localiser, save_localiser
 from sats.model.run import Run, RunConfig
+from sats.predict.roi import Localiser, save_localiser
 
 
 def main() -> None:

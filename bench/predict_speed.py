@@ -87,8 +87,8 @@ def time_sliding(net, ct_path: Path, patch, precision: str, full: bool) -> tuple
     sliding window at the CT's own spacing, 50 % overlap, Gaussian weighting."""
     from monai.inferers import sliding_window_inference
 
-    from sats.predict.inference import autocast, count_windows
     from sats.data.io import read_image
+    from sats.predict.inference import autocast, count_windows
 
     image = read_image(ct_path).array.astype(np.float32)
     total = count_windows(image.shape, patch, 0.5)

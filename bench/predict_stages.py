@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from sats.geometry.alignment import estimate_plane
 from sats.predict.inference import (PredictOptions, load_run, native_box, paste, predict_case, resolve_precision, roi_for,
                             sliding_window_probabilities, sub_volume)
 from sats.data.io import read_image
-from sats.geometry.preprocessing import keep_largest_component, preprocess, resample_to
+from sats.geometry.grid import keep_largest_component, resample_to
+from sats.geometry.preprocessing import estimate_plane, preprocess
 
 
 def main() -> None:

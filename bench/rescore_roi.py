@@ -29,15 +29,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    from sats.evaluation.ablation import AblationSettings, write_outputs
     from sats.data.dataset import list_cases
-    from sats.evaluation.metrics import compute_metrics
-    from sats.predict.inference import load_run, predict_case
     from sats.data.io import read_image
+    from sats.evaluation.ablation import AblationSettings, write_outputs
+    from sats.evaluation.metrics import compute_metrics
     from sats.geometry.preprocessing import preprocess
-    from sats.predict.roi import find_roi, fit_localiser, load_localiser, save_localiser
     from sats.geometry.symmetry import Plane
-    from sats.model.training import prepare_cases
+    from sats.model.cache import prepare_cases
+    from sats.predict.inference import load_run, predict_case
+    from sats.predict.roi import find_roi, fit_localiser, load_localiser, save_localiser
 
     settings = AblationSettings(**json.loads((args.study / "ablation.json").read_text()))
     planes = json.loads((args.study / "test_planes.json").read_text())

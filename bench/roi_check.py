@@ -22,9 +22,9 @@ import numpy as np
 
 
 def ensure_localiser(run_dir: Path, dataset: Path, cache: Path) -> None:
-    from sats.predict.roi import fit_localiser, save_localiser
+    from sats.model.cache import prepare_cases
     from sats.model.run import Run
-    from sats.model.training import prepare_cases
+    from sats.predict.roi import fit_localiser, save_localiser
 
     run = Run.open(run_dir)
     if run.localiser_file.exists():
@@ -47,12 +47,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from sats.data.dataset import list_cases
-    from sats.evaluation.metrics import dice
-    from sats.predict.inference import count_windows, load_run, predict_case, preprocess_for
     from sats.data.io import read_image
-    from sats.geometry.preprocessing import preprocess
+    from sats.evaluation.metrics import dice
+    from sats.geometry.alignment import Alignment
+    from sats.predict.inference import count_windows, load_run, predict_case
     from sats.predict.roi import find_roi
-    from sats.geometry.symmetry import Plane
 
     if not args.no_localiser:
         ensure_localiser(args.run, args.dataset, args.cache or args.run / "cache")
@@ -66,8 +65,7 @@ def main() -> None:
     for case in list_cases(args.dataset, "Ts"):
         ct, label = read_image(case.image), read_image(case.label)
         plane = planes.get(case.case_id)
-        pre = (preprocess(ct, run.spacing, run.stats, label=label, plane=Plane.from_dict(plane)) if plane
-               else preprocess(ct, run.spacing, run.stats, label=label, plane=preprocess_for(run, ct).plane))
+        pre = run.preprocessor(ct, label=label, alignment=Alignment.from_dict(plane) if plane else None)
         t0 = time.time()
         roi = find_roi(ct, pre, run.patch_size, run.localiser)
         row = {"case": case.case_id, "source": roi.source, "shape": roi.shape, "seconds": time.time() - t0,

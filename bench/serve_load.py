@@ -25,8 +25,8 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from sats.data.dicom import write_ct_series
-from sats.hardware import available_cores
 from sats.data.io import read_image
+from sats.hardware import available_cores
 
 
 def _port() -> int:

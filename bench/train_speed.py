@@ -22,9 +22,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sats.model.config import preset
 from sats.model.losses import SegmentationLoss
 from sats.model.network import SATsNet, count_parameters, plan_network, prefers_channels_last
-from sats.model.config import preset
 from sats.model.training import prepare_model, stage_optimizer, train_step, uses_bf16
 
 

@@ -21,6 +21,18 @@ def _shared(sub: str) -> Path:
     return path
 
 
+#: The nasopharynx of two OpenKBP CTs, read by hand (not by sats) on sagittal slices through
+#: the middle of the head in a soft-tissue window: LPS mm of the roof of the nasopharyngeal
+#: airway (z: where the air behind the choanae meets the soft tissue under the sphenoid) and of
+#: its posterior wall at mid-height (y: where the air meets the prevertebral soft tissue in front
+#: of the clivus and the atlas). The voxels are 4.2-4.7 mm in-plane and 2.5-3 mm thick, so
+#: each value is good to about one voxel.
+NASOPHARYNX_BY_HAND = {
+    "kbp_train_112": {"roof_z": 246.0, "posterior_wall_y": 237.0},
+    "kbp_test_276": {"roof_z": 270.0, "posterior_wall_y": 272.0},
+}
+
+
 @pytest.fixture
 def openkbp() -> Path:
     """The OpenKBP head-and-neck dataset (nnU-Net raw layout)."""

@@ -7,12 +7,13 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-from sats.geometry.alignment import aligned_volume, find_plane, estimate_plane
 from sats.cli import app
-from sats.data.io import SatsError, Volume, from_sitk, read_image, to_sitk, write_image
+from sats.data.io import read_image, write_image
 from sats.data.phantom import PhantomConfig, make_case
-from sats.geometry.preprocessing import preprocess
+from sats.geometry.alignment import aligned_volume, find_plane
+from sats.geometry.preprocessing import PlaneSettings, estimate_plane, preprocess
 from sats.geometry.symmetry import Plane, mirror_lr
+from sats.geometry.volume import SatsError, Volume, from_sitk, to_sitk
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
@@ -107,20 +108,21 @@ def test_real_head_ct_rotation_consistency(openkbp) -> None:
 def test_registration_method_agrees_on_a_phantom() -> None:
     case = make_case(11, 4)
     true = Plane(case.pose["normal"], case.pose["point"])
-    found = estimate_plane(case.ct, method="registration").plane
+    found = estimate_plane(case.ct, PlaneSettings(method="registration")).plane
     assert true.angle_to(found) < 1.0 and abs(found.signed_distance(true.point)) < 1.0
-    with pytest.raises(SatsError, match="unknown plane method"):
-        estimate_plane(case.ct, method="guess")
+    with pytest.raises(SatsError, match="--method must be one of symmetry, registration"):
+        PlaneSettings(method="guess")
 
 
 def test_atlas_mode_finds_the_plane_through_a_symmetric_atlas(tmp_path) -> None:
-    from sats.geometry.alignment import make_atlas
+    from sats.geometry.preprocessing import make_atlas
 
     atlas = make_atlas([make_case(21, i, config=PhantomConfig(tumor_free=True)).ct for i in range(2)], spacing=(3.0, 2.0, 2.0))
     np.testing.assert_allclose(atlas.array, mirror_lr(atlas.array), atol=1e-3)  # symmetric by construction
     case = make_case(22, 0)
     true = Plane(case.pose["normal"], case.pose["point"])
-    found = estimate_plane(case.ct, atlas=atlas).plane
+    write_image(atlas, tmp_path / "atlas.nii.gz")
+    found = estimate_plane(case.ct, PlaneSettings("atlas", str(tmp_path / "atlas.nii.gz"))).plane
     # Affine freedom makes atlas mode coarser than the self-mirror search (see its docstring).
     assert true.angle_to(found) < 4.0 and abs(found.signed_distance(true.point)) < 2.0
 

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from sats.geometry.alignment import estimate_plane
-from sats.geometry.asymmetry import AsymmetryConfig, analysis_region, asymmetry_map, asymmetry_on_input_grid, precision_recall
 from sats.data.io import read_image
-from sats.model.losses import asymmetric_mask
 from sats.data.phantom import PhantomConfig, make_case
-from sats.geometry.preprocessing import preprocess
+from sats.geometry.asymmetry import AsymmetryConfig, analysis_region, asymmetry_map, asymmetry_on_input_grid, precision_recall
+from sats.geometry.preprocessing import Preprocessor
+from sats.model.losses import asymmetric_mask
 from sats.model.training import train
 from test_training import make_tiny_dataset, tiny_config
 
@@ -22,7 +21,7 @@ SPACING = (2.0, 2.0, 2.0)
 
 
 def _on_grid(case):
-    return preprocess(case.ct, SPACING, None, label=case.label, plane=estimate_plane(case.ct).plane)
+    return Preprocessor(SPACING)(case.ct, label=case.label)
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +157,32 @@ def test_unlabelled_patches_add_only_the_margin_loss() -> None:
     t2 = step(s2)
     assert float(t1["dice"]) == pytest.approx(float(t2["dice"])) and float(t1["ce"]) == pytest.approx(float(t2["ce"]))
     assert float(t1["margin"]) > 0
+
+
+def test_an_atlas_training_aligns_its_unlabelled_cts_with_the_atlas(tmp_path: Path) -> None:
+    """With --atlas, unlabelled CTs go through the same plane search as the labelled ones:
+    their cached image is the atlas-aligned one, not the self-aligned one."""
+    from sats.data.io import write_image
+    from sats.data.phantom import write_phantom_dataset
+    from sats.geometry.preprocessing import IntensityStats, PlaneSettings, Preprocessor, make_atlas
+
+    data = write_phantom_dataset(tmp_path / "data", n_train=2, n_test=0, seed=5)
+    atlas = tmp_path / "atlas.nii.gz"
+    write_image(make_atlas([make_case(21, i, config=PhantomConfig(tumor_free=True)).ct for i in range(2)], spacing=(3.0, 2.0, 2.0)), atlas)
+    (tmp_path / "unl").mkdir()
+    ct = make_case(6, 3).ct
+    write_image(ct, tmp_path / "unl" / "u0.nii.gz")
+    cfg = tiny_config(spacing=(3.0, 3.2, 3.2), stage1_epochs=1, stage2_epochs=1, fold="all", unlabelled=str(tmp_path / "unl"),
+                      localiser_iters=0, align=True, atlas=str(atlas))
+    run = tmp_path / "run"
+    train(data, run, cfg, device="cpu")
+    config = json.loads((run / "config.json").read_text())
+    assert config["unlabelled_ids"] == ["u0"]
+    stats, spacing = IntensityStats(**config["intensity"]), tuple(config["spacing"])
+    by_atlas = Preprocessor(spacing, stats, PlaneSettings("atlas", str(atlas)))(ct)
+    by_self = Preprocessor(spacing, stats, PlaneSettings("self"))(ct)
+    # The two planes differ enough for the images to tell them apart (else this test could not fail).
+    assert by_atlas.plane.angle_to(by_self.plane) > 0.2 or abs(by_atlas.plane.signed_distance(by_self.plane.point)) > 0.5
+    cached = np.load(run / "cache" / "unlabelled" / "u0_image.npy")
+    assert cached.shape == by_atlas.image.shape and np.allclose(cached, by_atlas.image, atol=1e-4)
+    assert cached.shape != by_self.image.shape or np.abs(cached - by_self.image).max() > 0.5

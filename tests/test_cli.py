@@ -24,6 +24,18 @@ def test_every_command_is_registered() -> None:
         assert re.search(rf"Usage: \S+ {re.escape(name)}\b", result.output), (name, result.output)
 
 
+def test_help_shows_no_metavar_beside_flags() -> None:
+    """A flag takes no value, so --help must not print one (typer 0.29 prints <bool>)."""
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", "--help"], terminal_width=200)
+    assert result.exit_code == 0 and "--tta" in result.output and "--save-probabilities" in result.output
+    flags = [line for line in result.output.splitlines() if re.search(r"--(tta|help|save-probabilities|all-components)\b", line)]
+    assert len(flags) == 4 and not any("<bool>" in line for line in flags), flags
+    assert "<path>" in result.output or "PATH" in result.output  # options that take a value still say which
+    for name in sorted(COMMANDS):
+        assert "<bool>" not in runner.invoke(app, [name, "--help"], terminal_width=200).output, name
+
+
 def test_summary_paper_parameter_count() -> None:
     result = CliRunner().invoke(app, ["summary", "--preset", "paper"], terminal_width=200)
     assert result.exit_code == 0
@@ -41,7 +53,8 @@ def test_truncated_nifti_given_to_commands(tmp_path) -> None:
     """One clear line, non-zero exit, no traceback, for a truncated .nii.gz anywhere."""
     import numpy as np
 
-    from sats.data.io import Volume, write_image
+    from sats.data.io import write_image
+    from sats.geometry.volume import Volume
 
     path = write_image(Volume(np.random.default_rng(0).normal(0, 300, (20, 64, 64)).astype(np.int16)), tmp_path / "ct_0000.nii.gz")
     data = path.read_bytes()

@@ -73,3 +73,39 @@ def test_the_checks_see_the_package() -> None:
     modules = _modules()
     assert {"sats.model.training", "sats.predict.inference", "sats.model.run", "sats.data.io", "sats.data.dicom"} <= set(modules)
     assert "sats.model.run" in _graph()["sats.predict.inference"]
+
+
+#: The plane searches of sats.geometry.alignment; estimate_plane (their one caller) decides
+#: which runs and what an unreliable plane becomes.
+PLANE_SEARCHES = {"find_plane", "find_plane_registration", "plane_from_atlas"}
+
+
+def _callers(name_set: set[str]) -> dict[str, set[str]]:
+    """{module: names of ``name_set`` it calls} (plain or attribute calls), definitions aside."""
+    out: dict[str, set[str]] = {}
+    for module, tree in _modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+                if name in name_set:
+                    out.setdefault(module, set()).add(name)
+    return out
+
+
+def test_only_the_preprocessor_module_calls_the_plane_searches() -> None:
+    callers = _callers(PLANE_SEARCHES)
+    assert set(callers) == {"sats.geometry.preprocessing"}, callers
+    # and that module calls every one of them: the check would notice a search gone elsewhere
+    assert callers["sats.geometry.preprocessing"] == PLANE_SEARCHES
+
+
+def test_prediction_and_the_dicom_node_do_not_import_the_test_bed_generator() -> None:
+    code = ("import sys, sats.predict.inference, sats.predict.serve; "
+            "bad = sorted(m for m in sys.modules if m.startswith('sats.data.lesion') or m.startswith('sats.data.phantom')); "
+            "print(','.join(bad)); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"imported: {proc.stdout.strip()} {proc.stderr[-500:]}"
+    # the landmarks prediction does use are there
+    code = "import sys, sats.predict.inference; sys.exit(0 if 'sats.geometry.landmarks' in sys.modules else 1)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -22,7 +22,8 @@ from sats.data.dataset import (
     list_cases,
     load_dataset_json,
 )
-from sats.data.io import SatsError, Volume, read_image, write_image
+from sats.data.io import read_image, write_image
+from sats.geometry.volume import SatsError, Volume
 
 SHAPE = (8, 16, 16)  # (z, y, x)
 GEO = dict(spacing=(2.5, 1.0, 1.0), origin=(-8.0, -8.0, 20.0))

@@ -20,7 +20,6 @@ from sats.evaluation.metrics import (
     CSV_COLUMNS,
     CaseMetrics,
     average_surface_distance,
-    case_id,
     compute_metrics,
     dice,
     evaluate_folders,
@@ -32,7 +31,8 @@ from sats.evaluation.metrics import (
     surface_distances,
     write_csv,
 )
-from sats.data.io import SatsError, Volume, write_image
+from sats.data.io import case_id, write_image
+from sats.geometry.volume import SatsError, Volume
 
 SPACING = (3.0, 1.0, 1.0)
 

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from sats.cli import app
 from sats.data.dicom import read_dicom_series, scan_folder, write_ct_series
+from sats.data.io import read_image, write_image
+from sats.geometry.volume import SatsError, Volume
 from sats.predict.export import load_ct_reference, read_rtstruct_roi, slice_contours, write_rtstruct, write_seg
-from sats.data.io import SatsError, Volume, read_image, write_image
 from test_io import rotation
 
 runner = CliRunner()

@@ -33,7 +33,8 @@ from test_training import make_tiny_dataset
 from typer.testing import CliRunner
 
 from sats.cli import app
-from sats.data.io import SatsError, Volume, read_image, write_image
+from sats.data.io import read_image, write_image
+from sats.geometry.volume import SatsError, Volume
 
 SATS = [sys.executable, "-m", "sats"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

@@ -7,8 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from sats.cli import app
-from sats.predict.inference import collect_inputs, load_run, predict_case
-from sats.data.io import SatsError, Volume, read_image, write_image
+from sats.data.io import collect_inputs, read_image, write_image
+from sats.geometry.volume import SatsError, Volume
+from sats.predict.inference import load_run, predict_case
 from test_io import rotation
 
 
@@ -102,7 +103,7 @@ def test_collect_inputs_strips_channel_suffix(tmp_path) -> None:
 
 
 def test_keep_largest_component() -> None:
-    from sats.predict.inference import keep_largest_component
+    from sats.geometry.grid import keep_largest_component
 
     m = np.zeros((5, 10, 10), bool)
     m[1:4, 1:5, 1:5] = True  # 48 voxels
@@ -117,8 +118,8 @@ def test_torch_resampling_matches_simpleitk() -> None:
     SimpleITK's values, fill outside the image included, on oblique grids."""
     from scipy.spatial.transform import Rotation
 
-    from sats.data.io import Volume
-    from sats.geometry.preprocessing import resample_to
+    from sats.geometry.grid import resample_to
+    from sats.geometry.volume import Volume
 
     rng = np.random.default_rng(3)
     rot = Rotation.from_euler("xyz", [4, -7, 11], degrees=True).as_matrix()

@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from sats.data.dicom import read_dicom_series, write_ct_series
-from sats.data.io import SatsError, Volume, from_sitk, read_image, to_sitk, write_image
+from sats.data.io import read_image, write_image
+from sats.geometry.volume import SatsError, Volume, from_sitk, to_sitk
 
 
 def rotation(yaw_deg: float, roll_deg: float) -> np.ndarray:

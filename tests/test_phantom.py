@@ -11,10 +11,11 @@ from typer.testing import CliRunner
 
 from sats.cli import app
 from sats.data.dataset import check_dataset
-from sats.data.io import read_image, to_sitk
+from sats.data.io import read_image
 from sats.data.phantom import MUSCLE_HU, PhantomConfig, make_case
-from sats.geometry.preprocessing import body_mask
+from sats.geometry.grid import body_mask
 from sats.geometry.symmetry import Plane
+from sats.geometry.volume import to_sitk
 
 
 def reflect(volume, plane: Plane) -> np.ndarray:

@@ -31,9 +31,10 @@ from test_io import rotation
 
 from sats.data.dataset import load_dataset_json
 from sats.data.dicom import read_dicom_series, write_ct_series
+from sats.data.io import read_image, write_image
 from sats.evaluation.metrics import evaluate_folders
+from sats.geometry.volume import SatsError, Volume
 from sats.predict.export import read_rtstruct_roi, write_rtstruct
-from sats.data.io import SatsError, Volume, read_image, write_image
 
 FUZZ = int(os.environ.get("SATS_FUZZ_EXAMPLES", "0"))
 

@@ -13,8 +13,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from sats.geometry.volume import SatsError
 from sats.hardware import use_available_cores
-from sats.data.io import SatsError
 
 app = typer.Typer(
     add_completion=False,
@@ -91,8 +91,8 @@ def phantom(
             volume_ml=tuple(volume_ml) if volume_ml else (5.0, 60.0),
         )
         result = write_lesion_dataset(out, background, n_train=cases, n_test=test_cases, seed=seed, config=config, console=console)
-        console.print(f"{out}: {result['train']} training and {result['test']} test cases, "
-                      f"{result['skipped']} background CT(s) not used (reasons in skipped.json)")
+        console.print(f"{out}: {result['train']} training and {result['test']} test cases from {result['backgrounds']} "
+                      f"background CT(s); {result['skipped']} not used (reasons in skipped.json)")
         for split, got, wanted in (("training", result["train"], cases), ("test", result["test"], test_cases)):
             if got < wanted:
                 err_console.print(f"[yellow]warning:[/] only {got} of {wanted} {split} cases: too few usable background CTs")
@@ -155,8 +155,8 @@ def summary(
     """Print the planned encoder-decoder stage by stage and its parameter count."""
     from rich.table import Table
 
-    from sats.model.network import EncoderDecoder, count_parameters, plan_network
     from sats.model.config import preset
+    from sats.model.network import EncoderDecoder, count_parameters, plan_network
 
     cfg = preset(preset_name)
     patch_size = tuple(patch) if patch else cfg.patch_size
@@ -193,7 +193,7 @@ def train(
     patch_size: Optional[tuple[int, int, int]] = typer.Option(None, "--patch-size", help="Patch D H W voxels."),
     no_projection_head: bool = typer.Option(False, "--no-projection-head", help="Ablation: margin loss on the decoder features."),
     no_margin: bool = typer.Option(False, "--no-margin", help="Ablation: no margin loss (stage 2 fine-tunes Dice + BCE only)."),
-    asym_region: str = typer.Option("paper", "--asym-region", help="paper (Eq. 1: s - s∩s'), union (s XOR s') or unsupervised (m_unsup from registration to the mirror, no label needed)."),
+    asym_region: Optional[str] = typer.Option(None, "--asym-region", help="paper (Eq. 1: s - s∩s'), union (s XOR s') or unsupervised (m_unsup from registration to the mirror, no label needed)."),
     unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Folder of unlabelled CTs (images or DICOM series) for the margin loss; imagesTr entries without a label join them."),
     unlabelled_fraction: Optional[float] = typer.Option(None, "--unlabelled-fraction", min=0.0, max=0.99, help="Share of each batch from unlabelled CTs in the margin-loss stages (default 0.5)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the margin loss."),
@@ -209,44 +209,23 @@ def train(
     compile_net: bool = typer.Option(False, "--compile", help="CUDA: torch.compile the encoder-decoder (2.1x the steps/s of a paper-preset step on an H200; the first steps wait for compilation)."),
 ) -> None:
     """Train SATs: stage 1 (Siamese encoder-decoder), stage 2 (projection head + margin loss)."""
-    from sats.model.config import parse_fold, preset
+    from sats.model.config import build, parse_fold
     from sats.model.training import train as run_training
 
-    cfg = preset(preset_name)
-    if epochs is not None:
-        cfg.set_total_epochs(epochs)
-    if iters_per_epoch is not None:
-        cfg.iters_per_epoch = iters_per_epoch
-    cfg.fold = parse_fold(fold)
-    cfg.projection_head = not no_projection_head
-    cfg.margin_loss = not no_margin
-    cfg.asym_region = asym_region
-    cfg.seed = seed
-    cfg.align = not no_align
-    cfg.atlas = str(atlas.resolve()) if atlas else None
-    cfg.compile = compile_net
-    cfg.amp = not fp32
-    if unlabelled is not None:
-        if not unlabelled.is_dir():
-            raise SatsError(f"{unlabelled}: --unlabelled needs a folder of CTs")
-        cfg.unlabelled = str(unlabelled.resolve())
-    if unlabelled_fraction is not None:
-        cfg.unlabelled_fraction = unlabelled_fraction
-    for name, value in (("beta", beta), ("margin", margin), ("batch_size", batch_size), ("num_workers", workers)):
-        if value is not None:
-            setattr(cfg, name, value)
-    if spacing is not None:
-        cfg.spacing, cfg.follow_data = tuple(spacing), False
-    if patch_size is not None:
-        cfg.patch_size = tuple(patch_size)
-    if variant is not None:
-        from sats.evaluation.ablation import VARIANTS
-
-        if variant not in VARIANTS:
-            raise SatsError(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
-        for key, value in VARIANTS[variant].items():
-            setattr(cfg, key, value)
-    cfg.__post_init__()
+    if unlabelled is not None and not unlabelled.is_dir():
+        raise SatsError(f"{unlabelled}: --unlabelled needs a folder of CTs")
+    given = {
+        "iters_per_epoch": iters_per_epoch, "unlabelled_fraction": unlabelled_fraction, "beta": beta, "margin": margin,
+        "batch_size": batch_size, "num_workers": workers, "asym_region": asym_region,
+        "patch_size": tuple(patch_size) if patch_size else None,
+        "unlabelled": str(unlabelled.resolve()) if unlabelled else None,
+        "atlas": str(atlas.resolve()) if atlas else None,
+        **({"spacing": tuple(spacing), "follow_data": False} if spacing else {}),
+        **({"projection_head": False} if no_projection_head else {}), **({"margin_loss": False} if no_margin else {}),
+        **({"align": False} if no_align else {}), **({"compile": True} if compile_net else {}), **({"amp": False} if fp32 else {}),
+    }
+    cfg = build(preset_name, variant=variant, epochs=epochs, fold=parse_fold(fold), seed=seed,
+                **{k: v for k, v in given.items() if v is not None})
     run_training(dataset, out, cfg, stage=stage, resume=resume, cache=cache, device=device, console=console)
 
 
@@ -332,8 +311,8 @@ def rtstruct(
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID of the CT series (default: the CT series with most slices)."),
 ) -> None:
     """Write a mask as a DICOM RT Structure Set referencing its CT series (one GTV ROI)."""
-    from sats.predict.export import check_roi_name, parse_color, write_rtstruct
     from sats.data.io import read_image
+    from sats.predict.export import check_roi_name, parse_color, write_rtstruct
 
     rgb = parse_color(color)
     check_roi_name(name)
@@ -356,20 +335,24 @@ def align(
     """Find the mid-sagittal plane and resample the CT so it is the grid's central sagittal plane."""
     import SimpleITK as sitk
 
-    from sats.geometry.alignment import aligned_volume, estimate_plane, write_plane_json
-    from sats.data.io import atomic_path, read_image, write_image
-    from sats.data.dataset import check_ct
+    import json
 
+    from sats.data.dataset import check_ct
+    from sats.data.io import atomic_path, read_image, write_image, write_text_atomic
+    from sats.geometry.alignment import aligned_volume
+    from sats.geometry.preprocessing import PlaneSettings, estimate_plane
+
+    settings = PlaneSettings("atlas" if atlas else "self", str(atlas.resolve()) if atlas else None, method)  # type: ignore[arg-type]
     ct = read_image(input_path)
     check_ct(ct, str(input_path))
-    result = estimate_plane(ct, read_image(atlas) if atlas else None, method=method)
+    result = estimate_plane(ct, settings)
     aligned, tfm = aligned_volume(ct, result.plane)
     write_image(aligned, output)
     if transform is not None:
         with atomic_path(transform, suffix=".tfm") as tmp:
             sitk.WriteTransform(tfm, str(tmp))
     if plane_json is not None:
-        write_plane_json(result, plane_json)
+        write_text_atomic(plane_json, json.dumps(result.to_dict(), indent=2))
     n, p = result.plane.normal, result.plane.point
     console.print(
         f"plane normal ({n[0]:.4f}, {n[1]:.4f}, {n[2]:.4f}), point ({p[0]:.1f}, {p[1]:.1f}, {p[2]:.1f}) mm LPS; "
@@ -386,9 +369,9 @@ def asymmetry(
     spacing: tuple[float, float, float] = typer.Option((2.0, 2.0, 2.0), "--spacing", help="Grid (z y x mm) on which the CT is registered to its mirror."),
 ) -> None:
     """Where a CT differs from its own mirror, without a label (paper Sec. 3.1, registration-based)."""
-    from sats.geometry.asymmetry import asymmetry_on_input_grid
     from sats.data.dataset import check_ct
     from sats.data.io import read_image, write_image
+    from sats.geometry.asymmetry import asymmetry_on_input_grid
 
     ct = read_image(input_path)
     check_ct(ct, str(input_path))
@@ -457,9 +440,9 @@ def make_atlas_cmd(
     max_cases: int = typer.Option(20, "--max-cases", min=1, help="Use at most this many training cases."),
 ) -> None:
     """Build a bilaterally symmetric atlas from self-aligned cases and their mirrors."""
-    from sats.geometry.alignment import make_atlas
     from sats.data.dataset import list_cases
     from sats.data.io import read_image, write_image
+    from sats.geometry.preprocessing import make_atlas
 
     cases = list_cases(dataset, "Tr")[:max_cases]
     if not cases:

@@ -13,13 +13,14 @@ from pathlib import Path
 from rich.console import Console
 
 from sats.data.dataset import check_dataset, list_cases, print_report
-from sats.evaluation.metrics import evaluate_folders, plot_dice, print_summary, write_csv
-from sats.evaluation.figures import asymmetry_png, overlay_png
-from sats.predict.inference import load_run, predict_case, predict_paths
-from sats.data.io import SatsError, read_image
+from sats.data.io import read_image
 from sats.data.phantom import PhantomConfig, write_phantom_dataset
-from sats.model.config import preset
+from sats.evaluation.figures import asymmetry_png, overlay_png
+from sats.evaluation.metrics import evaluate_folders, plot_dice, print_summary, write_csv
+from sats.geometry.volume import SatsError
+from sats.model.config import build
 from sats.model.training import train
+from sats.predict.inference import load_run, predict_case, predict_paths
 
 
 def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> list:
@@ -38,10 +39,8 @@ def run_demo(out: Path, quick: bool = False, console: Console | None = None) -> 
         raise SatsError(f"{data}: the generated dataset failed its check")
 
     console.rule("2/5 training (cpu preset, stage 1 then stage 2)")
-    cfg = preset("cpu")
-    if quick:
-        cfg.stage1_epochs, cfg.stage2_epochs, cfg.iters_per_epoch = 3, 1, 8
-        cfg.patch_size, cfg.base_features, cfg.max_features = (16, 64, 64), 4, 32
+    quick_options = dict(stage1_epochs=3, stage2_epochs=1, iters_per_epoch=8, patch_size=(16, 64, 64), base_features=4, max_features=32)
+    cfg = build("cpu", **(quick_options if quick else {}))
     train(data, run, cfg, device="cpu", console=console)
 
     console.rule("3/5 prediction of the test set")

@@ -29,7 +29,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sats.data.io import IMAGE_SUFFIXES, SatsError, Volume, read_image
+from sats.data.io import IMAGE_SUFFIXES, read_image
+from sats.geometry.volume import SatsError, Volume
 from sats.progress import progress_bar
 
 SPLITS = ("Tr", "Ts")
@@ -492,3 +493,16 @@ def check_ct(volume: Volume, name: str) -> None:
     problem = ct_intensity_warning(float(volume.array.min()), float(volume.array.max()))
     if problem:
         raise SatsError(f"{name}: {problem}")
+
+
+def split_folds(ids: list[str], folds: int, fold: int | str, seed: int = 12345) -> tuple[list[str], list[str]]:
+    """Train/validation ids for ``fold`` of a ``folds``-fold split by case id (fixed seed)."""
+    if fold == "all":
+        return sorted(ids), []
+    fold = int(fold)
+    if not 0 <= fold < folds:
+        raise SatsError(f"fold {fold} out of range 0..{folds - 1}")
+    order = sorted(ids)
+    np.random.default_rng(seed).shuffle(order)
+    val = sorted(order[fold::folds])
+    return sorted(set(ids) - set(val)), val

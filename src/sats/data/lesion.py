@@ -9,43 +9,7 @@ right -> left with the mid-sagittal plane at x = 0, y = anterior -> posterior, z
 inferior -> superior), found by :mod:`sats.geometry.alignment`; the lesion is mapped back onto the
 CT's own grid at the end, so the output keeps the input's exact geometry.
 
-**1. Landmarks: where is the nasopharynx?** (:func:`find_nasopharynx`, on a 2 mm grid)
-
-* *Enclosed air*: in every axial slice, air (< -400 HU) inside the patient's outline (the
-  largest connected body of tissue, so not a couch or mask) after a 3 mm closing
-  (airway, nasal cavity, sinuses, oral cavity; not the air around the head).
-* *Pharyngeal slices*: the most posterior enclosed air within 6 mm of the midline has
-  4-40 mm of soft tissue behind it (posterior pharyngeal wall, longus muscles) and then
-  bone (clivus, atlas, axis), and the lumen there is 8-45 mm wide (wider is a gap where
-  the field of view was cut).
-* *Airways*: runs of pharyngeal slices (gaps of one slice, the posterior wall moving less
-  than 8 mm between slices). From the highest run down, and within a run from its top
-  slice down to 20 mm below it (an airway can run on into the back of the nasal cavity),
-  the first top that passes every check below is the roof of the nasopharynx. A CT where
-  none passes is skipped, with the reasons of the three highest runs.
-* *Checks* (:func:`_check_run`, in this order), each against a look-alike:
-
-  - the airway is at least 6 mm high;
-  - no bone directly below it, and bone is under 10 % of the voxels around it (a sinus);
-  - bone within 25 mm above it (the skull base), and 30 mm or more out on both sides
-    within 35 mm above (petrous bones, condyles);
-  - the scan goes on for 40 mm above the roof (the skull base is in it), and is 80-300 mm
-    wide at the roof and there (a head: not the shoulders, not a cut field of view);
-  - 150 mm3 of bone 35-65 mm out on both sides beside the roof (mandibular rami,
-    condyles, pterygoid plates; the neck below the mandible has none);
-  - bone 25 mm or more behind the posterior wall across 60 % of the 80 mm around the
-    midline (the cranium; at the level of the axis only a spinous process is there);
-  - the choanae in front of the roof: air is at least 5 % of the 40 x 40 mm in front,
-    and 12 % where soft tissue fills more than 35 % of the 30 x 30 mm right in front
-    (the tongue, in front of the oropharynx);
-  - at least 3 ml of air in front of the airway (the nasal cavity) that goes on above
-    the roof.
-
-  The thresholds were set by looking at the accepted and skipped CTs of OpenKBP
-  (BENCHMARKS.md, lesion insertion); every accepted lesion there was looked at.
-* *The wall*: the soft tissue next to the upper 12 mm of the lumen, within 12 mm of its
-  posterior wall: its most lateral point on each side, 4-30 mm from the midline, is the
-  fossa of Rosenmüller, where the lesion starts.
+**1. Where.** The nasopharynx and its lateral walls: :func:`sats.geometry.landmarks.find_nasopharynx`.
 
 **2. Growth.** Fast marching (SimpleITK) from the seed on a fine grid (half the CT's
 finest spacing, 0.75-1.5 mm). The speed is zero in air (< -200 HU), in bone (> 200 HU)
@@ -84,36 +48,28 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sats.hardware import available_cores
-from sats.data.io import SatsError, Volume, read_image, write_image, write_text_atomic
+from sats.data.io import read_image, write_image, write_text_atomic
+from sats.geometry.grid import keep_largest_component, resample_to
+from sats.geometry.landmarks import AIR_HU, BONE_HU, GROW_HU, WORK_SPACING, Nasopharynx, NoNasopharynx, find_nasopharynx
 from sats.geometry.symmetry import Plane
+from sats.geometry.volume import SatsError, Volume
+from sats.hardware import available_cores
 
-#: Working grid of the landmark search (z, y, x) mm.
-WORK_SPACING = (2.0, 2.0, 2.0)
-#: Below: air. Above: bone. Between: soft tissue (fat, muscle, mucosa, glands).
-AIR_HU = -400.0
-BONE_HU = 300.0
-#: HU range the lesion may grow through (stricter than the label's air/bone limits, so
-#: the partial-volume rim stays off air and bone).
-GROW_HU = (-200.0, 200.0)
 #: Muscle HU range used to measure the surrounding muscle.
 MUSCLE_HU = (0.0, 120.0)
 
 
 class SkipBackground(SatsError):
     """This background CT cannot take a lesion (the message says why); it is skipped."""
-
-
-class NoNasopharynx(SkipBackground):
-    """The landmark search did not find a nasopharynx it trusts (the message says why)."""
 
 
 @dataclass
@@ -135,25 +91,6 @@ class LesionConfig:
             raise SatsError(f"--bilateral-fraction must be within 0..1, got {self.bilateral_fraction}")
 
 
-@dataclass
-class Nasopharynx:
-    """What :func:`find_nasopharynx` found, in head-frame mm (x, y, z).
-
-    Attributes:
-        roof_z, floor_z: top and bottom of the lumen used.
-        posterior_wall_y: the posterior wall at mid-height.
-        anterior_y: the lumen's anterior limit (the choanae) in its posterior 20 mm.
-        lumen: head-frame points (n, 3) of the lumen's air voxels.
-        fossa: {"left": point, "right": point}, the soft-tissue seed on each lateral wall.
-    """
-
-    roof_z: float
-    floor_z: float
-    posterior_wall_y: float
-    anterior_y: float
-    lumen: np.ndarray
-    fossa: dict = field(default_factory=dict)
-
 
 # --- geometry helpers -----------------------------------------------------------------------
 
@@ -171,222 +108,6 @@ class HeadFrame:
     def volume(self, array: np.ndarray, spacing, origin_q) -> Volume:
         """A head-frame grid (identity axes, ``origin_q`` in head mm) as a physical Volume."""
         return Volume(array, spacing=spacing, origin=tuple(self.to_lps(origin_q)), direction=self.rotation)
-
-
-def _disk(radius_mm: float, spacing: tuple[float, float]) -> np.ndarray:
-    r = [int(np.ceil(radius_mm / s)) for s in spacing]
-    g = np.mgrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1].astype(float)
-    return (g[0] * spacing[0]) ** 2 + (g[1] * spacing[1]) ** 2 <= radius_mm**2
-
-
-def enclosed_air(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Air inside the patient's outline in each axial slice (after a 3 mm closing); the
-    patient is the largest connected body of tissue, so a couch or mask is left out."""
-    from sats.geometry.preprocessing import body_mask
-
-    tissue = body_mask(hu)
-    disk = _disk(3.0, spacing[1:])
-    out = np.zeros_like(tissue)
-    for k in range(hu.shape[0]):
-        if tissue[k].sum() < 50:
-            continue
-        closed = ndimage.binary_closing(tissue[k], disk, border_value=0)
-        out[k] = ndimage.binary_fill_holes(closed) & (hu[k] <= AIR_HU)
-    return out
-
-
-# --- 1. landmarks -----------------------------------------------------------------------------
-
-
-def _pharyngeal_slices(hu: np.ndarray, air: np.ndarray, xs: np.ndarray, spacing) -> list[dict | None]:
-    """Per axial slice: the posterior pharyngeal airway, or None (see the module docstring)."""
-    bone = hu > BONE_HU
-    band = np.abs(xs) <= 6.0
-    rows: list[dict | None] = []
-    for k in range(hu.shape[0]):
-        mid = air[k][:, band].any(axis=1)
-        if not mid.any():
-            rows.append(None)
-            continue
-        yp = int(np.nonzero(mid)[0].max())
-        behind = np.nonzero(bone[k][yp + 1:, band].mean(axis=1) >= 0.3)[0]
-        if len(behind) == 0:
-            rows.append(None)
-            continue
-        wall = (behind[0] + 1) * spacing[1]
-        labels, _ = ndimage.label(air[k])
-        hit = labels[yp, band]
-        comp = labels == hit[hit > 0][0]
-        comp[: max(0, yp - int(round(20 / spacing[1])))] = False  # the posterior 20 mm
-        cols = np.nonzero(comp[max(0, yp - int(round(10 / spacing[1]))): yp + 1].any(axis=0))[0]
-        width = (cols.max() - cols.min() + 1) * spacing[2]
-        # A lumen wider than 45 mm behind is not a pharynx (e.g. a gap where the field of
-        # view was cut between two blocks of tissue).
-        if 4.0 <= wall <= 40.0 and 8.0 <= width <= 45.0:
-            rows.append({"k": k, "yp": yp, "wall": wall, "width": width, "lumen": comp})
-        else:
-            rows.append(None)
-    return rows
-
-
-def _runs(indices, gap: int = 1) -> list[list[int]]:
-    """Split sorted indices into runs whose steps are at most ``gap``."""
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and i - runs[-1][-1] <= gap:
-            runs[-1].append(int(i))
-        else:
-            runs.append([int(i)])
-    return runs
-
-
-def _airway_runs(rows: list[dict | None], sy: float) -> list[list[dict]]:
-    """Pharyngeal slices grouped into runs: gaps of at most one slice, posterior wall
-    moving less than 8 mm between neighbours."""
-    runs: list[list[dict]] = []
-    for r in rows:
-        if r is None:
-            continue
-        last = runs[-1][-1] if runs else None
-        if last and r["k"] - last["k"] <= 2 and abs(r["yp"] - last["yp"]) * sy < 8.0:
-            runs[-1].append(r)
-        else:
-            runs.append([r])
-    return runs
-
-
-def _check_run(run: list[dict], hu: np.ndarray, air: np.ndarray, xs: np.ndarray, spacing) -> str | None:
-    """Why ``run`` is not the nasopharynx, or None when every check passes."""
-    sz, sy, _ = spacing
-    nz = hu.shape[0]
-    mm_z, mm_y = (lambda v: int(round(v / sz))), (lambda v: int(round(v / sy)))
-    top, bottom = run[-1]["k"], run[0]["k"]
-    yp = run[-1]["yp"]
-    bone = hu > BONE_HU
-    if (top - bottom + 1) * sz < 6.0:
-        return f"airway only {(top - bottom + 1) * sz:.0f} mm high"
-    below = bone[max(0, bottom - mm_z(10)): bottom, max(0, run[0]["yp"] - mm_y(12)): run[0]["yp"] + 1][:, :, np.abs(xs) <= 6]
-    if below.size and below.mean() > 0.25:
-        return "bone below it (a sinus)"
-    lumen = np.zeros(hu.shape, bool)
-    for r in run:
-        lumen[r["k"]] = r["lumen"]
-    ring = ndimage.binary_dilation(lumen, iterations=2) & ~lumen
-    if (hu[ring] > GROW_HU[1]).mean() > 0.10:  # measured: <= 0.07 at the nasopharynx, 0.14 at a sphenoid sinus
-        return "walled by bone (a sinus)"
-    above = bone[top + 1: top + 1 + mm_z(25), max(0, yp - mm_y(15)): yp + mm_y(5) + 1][:, :, np.abs(xs) <= 12]
-    if above.sum() < 3:
-        return "no skull base within 25 mm above"
-    cols = np.nonzero((hu[top] > AIR_HU).any(axis=0))[0]
-    out = max(30.0, 0.5 * min(-xs[cols.min()], xs[cols.max()])) if len(cols) else 30.0
-    base = bone[top: top + mm_z(35) + 1, max(0, yp - mm_y(30)): yp + mm_y(40) + 1]
-    if base[:, :, xs >= out].sum() < 3 or base[:, :, xs <= -out].sum() < 3:
-        return f"no skull base (petrous bone, condyles) {out:.0f} mm out on both sides within 35 mm above"
-    k_up = top + mm_z(20)
-    if top + mm_z(40) >= nz or (hu[k_up, max(0, yp - mm_y(40)): yp + mm_y(40)][:, np.abs(xs) <= 30] > AIR_HU).mean() < 0.5:
-        return "the scan is cut less than 40 mm above (the skull base must be in it)"
-    for k in (top, top + mm_z(40)):  # a head is 80-300 mm wide; shoulders or a cut field of view are not
-        cols = np.nonzero((hu[k] > AIR_HU).any(axis=0))[0]
-        width = xs[cols.max()] - xs[cols.min()] if len(cols) else 0.0
-        if not 80.0 <= width <= 300.0:
-            return f"tissue {width:.0f} mm wide at z {k * sz:.0f} mm of the grid (not a head)"
-    # Beside the roof: the mandibular rami and condyles, the pterygoid plates (the neck
-    # below the mandible has no bone that far out at the level of the pharynx).
-    side_bone = bone[max(0, top - mm_z(4)): top + mm_z(4) + 1, max(0, yp - mm_y(40)): yp + mm_y(10) + 1]
-    lateral = [side_bone[:, :, (sign * xs >= 35) & (sign * xs <= 65)].sum() * np.prod(spacing) for sign in (1, -1)]
-    if min(lateral) < 150.0:
-        return "no mandible beside it (bone 35-65 mm out on both sides: the neck, not the nasopharynx)"
-    # Behind the roof lies the cranium: bone (occipital, petrous) spanning the back of the
-    # head; at the level of the axis there is only a spinous process in the neck muscles.
-    behind = bone[max(0, top - mm_z(4)): top + mm_z(4) + 1, yp + mm_y(25):].any(axis=(0, 1))
-    if behind[np.abs(xs) <= 40].mean() < 0.6:
-        return "no skull behind its top (the level of the neck, not the skull base)"
-    # At the roof the choanae and the nasal cavity are in front (at the oropharynx: the tongue).
-    choanae = hu[max(0, top - 1): top + 1, max(0, yp - mm_y(60)): max(0, yp - mm_y(20))][:, :, np.abs(xs) <= 20]
-    front = hu[max(0, top - 1): top + 1, max(0, yp - mm_y(40)): max(0, yp - mm_y(10))][:, :, np.abs(xs) <= 15]
-    air_front = (choanae <= AIR_HU).mean() if choanae.size else 0.0
-    tongue = ((front > -100) & (front < 150)).mean() if front.size else 1.0
-    if air_front < 0.05 or (air_front < 0.12 and tongue > 0.35):
-        return f"soft tissue in front of its top ({100 * tongue:.0f} %; air {100 * air_front:.0f} %): the tongue, not the choanae"
-    # The nasal cavity: air in front of the pharynx, continuing above the roof.
-    front = (slice(max(0, yp - mm_y(80)), max(0, yp - mm_y(15))), np.abs(xs) <= 25)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    nasal = air[max(0, bottom - mm_z(5)): top + mm_z(20) + 1, front[0]][:, :, front[1]].sum() * voxel_ml
-    upper = air[top + mm_z(4): top + mm_z(20) + 1, front[0]][:, :, front[1]].sum() * voxel_ml
-    if nasal < 3.0 or upper < 0.2:
-        return f"no nasal cavity in front ({nasal:.1f} ml) reaching above the roof ({upper:.1f} ml)"
-    return None
-
-
-def find_nasopharynx(head: Volume) -> Nasopharynx:
-    """Locate the nasopharyngeal lumen and its lateral walls in an aligned CT.
-
-    Args:
-        head: CT in HU on a head-frame grid (identity direction, x = 0 on the mid-sagittal
-            plane), e.g. :func:`sats.geometry.alignment.aligned_volume` at ``WORK_SPACING``.
-    Raises:
-        NoNasopharynx: with the reason, when any step or check fails.
-    """
-    hu = head.array.astype(np.float32)
-    sz, sy, sx = head.spacing
-    nz, ny, nx = hu.shape
-    xs = head.origin[0] + np.arange(nx) * sx
-    ys = head.origin[1] + np.arange(ny) * sy
-    zs = head.origin[2] + np.arange(nz) * sz
-    air = enclosed_air(hu, head.spacing)
-    runs = _airway_runs(_pharyngeal_slices(hu, air, xs, head.spacing), sy)
-    if not runs:
-        raise NoNasopharynx("no pharyngeal airway (midline air with soft tissue and then bone behind it)")
-    reasons = []
-    found = None
-    for full in sorted(runs, key=lambda r: -r[-1]["k"]):  # the highest airway that passes
-        # An airway can run on above the roof (into the back of the nasal cavity): each of
-        # its slices, from the top down, is tried as the roof.
-        for end in range(len(full), 0, -1):
-            if zs[full[-1]["k"]] - zs[full[end - 1]["k"]] > 20.0:
-                break  # more would be the oropharynx of a scan cut above the nasopharynx
-            why = _check_run(full[:end], hu, air, xs, head.spacing)
-            if why is None:
-                found = full[:end]
-                break
-            if end == len(full):
-                reasons.append(f"airway at z {zs[full[0]['k']]:.0f}..{zs[full[-1]['k']]:.0f} mm: {why}")
-        if found:
-            break
-    if found is None:
-        raise NoNasopharynx("; ".join(reasons[:3]))
-    run = found
-    top, bottom = run[-1]["k"], run[0]["k"]
-    # The fossae of Rosenmueller: the lateral recesses of the upper, posterior lumen.
-    upper = [r for r in run if zs[r["k"]] >= zs[top] - 12.0]
-    lumen = np.zeros(hu.shape, bool)
-    for r in upper:
-        lumen[r["k"]] = r["lumen"]
-        lumen[r["k"], : max(0, r["yp"] - int(round(12 / sy)))] = False
-    reach = np.abs(xs[np.nonzero(lumen.any(axis=(0, 1)))[0]]).max()
-    if reach > 30.0:
-        raise NoNasopharynx(f"the upper nasopharyngeal lumen reaches {reach:.0f} mm from the midline (a cut field of view?)")
-    soft = (hu > GROW_HU[0]) & (hu < GROW_HU[1])
-    wall = ndimage.binary_dilation(lumen, ndimage.generate_binary_structure(3, 1)) & soft
-    wall[: upper[0]["k"]] = False
-    wall[top + 1:] = False
-    idx = np.argwhere(wall)
-    if len(idx) == 0:
-        raise NoNasopharynx("no soft tissue around the nasopharyngeal lumen")
-    fossa = {}
-    for name, side in (("left", 1), ("right", -1)):
-        j = int(np.argmax(side * xs[idx[:, 2]]))
-        k, y, x = idx[j]
-        if side * xs[x] < 4.0:
-            raise NoNasopharynx(f"no lateral wall on the {name} (lumen reaches only {side * xs[x]:.0f} mm from the midline)")
-        fossa[name] = np.array([xs[x], ys[y], zs[k]])
-    pts = np.argwhere(lumen)
-    lumen_mm = np.column_stack([xs[pts[:, 2]], ys[pts[:, 1]], zs[pts[:, 0]]])
-    mid = run[len(run) // 2]
-    return Nasopharynx(
-        roof_z=float(zs[top]), floor_z=float(zs[bottom]), posterior_wall_y=float(ys[mid["yp"]]),
-        anterior_y=float(lumen_mm[:, 1].min()), lumen=lumen_mm, fossa=fossa,
-    )
 
 
 # --- 2-4. growth, intensity, mass effect ------------------------------------------------------
@@ -512,16 +233,16 @@ class Draw:
 
 def _head(ct: Volume) -> tuple[Volume, HeadFrame, Plane]:
     """The CT on the 2 mm head-frame grid, its frame and its mid-sagittal plane."""
-    from sats.geometry.alignment import MIN_SYMMETRY, aligned_volume, find_plane
+    from sats.geometry.alignment import UnreliablePlane, aligned_volume
+    from sats.geometry.preprocessing import PlaneSettings, estimate_plane
 
-    # The landmark search needs the plane to a degree or so: two levels and 20k points
-    # are about five times faster than the default search.
+    # The landmark search needs the plane to a degree or so: the quick search will do.
     try:
-        alignment = find_plane(ct, levels_mm=(6.0, 3.0), n_points=20000)
+        alignment = estimate_plane(ct, PlaneSettings(quick=True))
+    except UnreliablePlane as exc:
+        raise SkipBackground(f"not a head: symmetry score {exc.score:.2f} about the best mid-sagittal plane") from None
     except SatsError as exc:
         raise SkipBackground(f"alignment failed: {exc}") from None
-    if alignment.score_after < MIN_SYMMETRY:
-        raise SkipBackground(f"not a head: symmetry score {alignment.score_after:.2f} about the best mid-sagittal plane")
     head, transform = aligned_volume(ct, alignment.plane, WORK_SPACING)
     frame = HeadFrame(np.array(transform.GetMatrix()).reshape(3, 3), np.array(transform.GetTranslation()))
     return head, frame, alignment.plane
@@ -530,8 +251,6 @@ def _head(ct: Volume) -> tuple[Volume, HeadFrame, Plane]:
 def _grow(ct: Volume, frame: HeadFrame, npx: Nasopharynx, draw: Draw, rng: np.random.Generator) -> tuple[np.ndarray, Volume, tuple]:
     """Arrival times on a fine head-frame box around the nasopharynx (see the module
     docstring, 2.). Returns (times, the box as a Volume, the main seed's index)."""
-    from sats.geometry.preprocessing import resample_to
-
     seed = npx.fossa[draw.side]
     step = float(np.clip(min(ct.spacing) / 2.0, 0.75, 1.5))
     lo_q = np.array([-60.0, seed[1] - 35.0, npx.roof_z - 45.0])
@@ -558,8 +277,6 @@ def _grow(ct: Volume, frame: HeadFrame, npx: Nasopharynx, draw: Draw, rng: np.ra
 def _label_of_volume(ct: Volume, times: np.ndarray, grid: Volume, seed: tuple, target_ml: float) -> tuple[np.ndarray, np.ndarray]:
     """(label, lesion fraction) on the CT's grid, the label of about ``target_ml``: the
     earliest-reached fine voxels, box-averaged over a CT voxel, >= 0.5 on soft tissue."""
-    from sats.geometry.preprocessing import resample_to
-
     hu = ct.array.astype(np.float32)
     soft = (hu > AIR_HU) & (hu < BONE_HU)
     step = grid.spacing[0]
@@ -568,7 +285,7 @@ def _label_of_volume(ct: Volume, times: np.ndarray, grid: Volume, seed: tuple, t
     for _ in range(4):
         pv = ndimage.uniform_filter(earliest(times, n_voxels, seed).astype(np.float32), size=box)
         fraction = np.clip(resample_to(grid.with_array(pv), ct, order=1, default=0.0).array, 0.0, 1.0)
-        label = _largest_component((fraction >= 0.5) & soft)
+        label = keep_largest_component((fraction >= 0.5) & soft, connectivity=6)  # one piece under any definition
         got_ml = float(label.sum()) * ct.voxel_volume_ml
         if got_ml > 0 and abs(got_ml / target_ml - 1.0) < 0.05:
             break
@@ -588,7 +305,10 @@ def insert_lesion(ct: Volume, config: LesionConfig, rng: np.random.Generator) ->
         SkipBackground: the CT cannot take a lesion (reason in the message).
     """
     head, frame, plane = _head(ct)
-    npx = find_nasopharynx(head)
+    try:
+        npx = find_nasopharynx(head)
+    except NoNasopharynx as exc:
+        raise SkipBackground(str(exc)) from None
     draw = Draw.sample(config, rng)
     times, grid, seed = _grow(ct, frame, npx, draw, rng)
     label, fraction = _label_of_volume(ct, times, grid, seed, draw.volume_ml)
@@ -613,15 +333,6 @@ def insert_lesion(ct: Volume, config: LesionConfig, rng: np.random.Generator) ->
         **stats,
     }
     return InsertedLesion(ct.with_array(new), ct.with_array(label.astype(np.uint8)), meta)
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)  # 6-connectivity: one piece under any definition
-    if n <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
 
 
 def _muscle_shell(hu: np.ndarray, label: np.ndarray, spacing, radius_mm: float = 10.0) -> np.ndarray:
@@ -756,12 +467,42 @@ def write_lesion_dataset(
 
     Candidates are taken in a seeded random order; each lesion depends only on (seed,
     source file name), so the output is the same whatever the number of workers.
-    Returns a summary: {"train": n, "test": n, "skipped": n}.
-    """
-    from sats.progress import progress_bar
 
+    The dataset is written whole or not at all: into a hidden folder beside ``out``, renamed
+    to ``out`` (which must be new or empty) at the end. When a split that was asked for
+    gets no case at all (too few usable background CTs), nothing is written and a
+    SatsError says how many background CTs could take a lesion.
+    Returns a summary: {"train": n, "test": n, "skipped": n, "usable": n, "backgrounds": n}.
+    """
     config = config or LesionConfig()
     out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SatsError(f"{out}: exists and is not empty; give a new folder (a test bed is written whole or not at all)")
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        lesions, skipped, counts, total = _insert_lesions(staging, background, n_train, n_test, seed, config, console, workers)
+        empty = [split for split, key, wanted in (("training", "Tr", n_train), ("test", "Ts", n_test)) if wanted and not counts[key]]
+        if empty:
+            reasons = sorted({r for r in skipped.values() if not r.startswith("not needed")})[:2]
+            raise SatsError(f"{background}: {len(lesions)} of {total} background CT(s) could take a lesion, so no "
+                            f"{' and no '.join(empty)} case could be written; nothing written"
+                            + (f" (reasons include: {'; '.join(reasons)})" if reasons else ""))
+        _write_lesion_metadata(staging, background, seed, config, counts["Tr"], lesions, skipped)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"train": counts["Tr"], "test": counts["Ts"], "skipped": len(skipped), "usable": len(lesions), "backgrounds": total}
+
+
+def _insert_lesions(out: Path, background: Path, n_train: int, n_test: int, seed: int, config: LesionConfig, console,
+                    workers: int | None) -> tuple[dict, dict, dict, int]:
+    """The insertion loop of :func:`write_lesion_dataset`, writing the cases into ``out``:
+    (lesions, skipped, counts per split, number of background CTs)."""
+    from sats.progress import progress_bar
+
     train_pool, test_pool = background_pools(background)
     order = np.random.default_rng(seed)
     train_pool = [train_pool[i] for i in order.permutation(len(train_pool))]
@@ -812,8 +553,7 @@ def write_lesion_dataset(
     everything = {p.name for p in train_pool + (test_pool or [])}
     for name in sorted(everything - used - set(skipped)):
         skipped[name] = "not needed: enough cases were written from earlier candidates"
-    _write_lesion_metadata(out, background, seed, config, counts["Tr"], lesions, skipped)
-    return {"train": counts["Tr"], "test": counts["Ts"], "skipped": len(skipped)}
+    return lesions, skipped, counts, len(everything)
 
 
 def _write_lesion_metadata(out: Path, background: Path, seed: int, config: LesionConfig, n_train: int,

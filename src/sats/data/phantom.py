@@ -54,7 +54,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from sats.data.io import SatsError, Volume, write_image, write_text_atomic
+from sats.data.io import write_image, write_text_atomic
+from sats.geometry.volume import SatsError, Volume
 
 MUSCLE_HU = 50.0
 

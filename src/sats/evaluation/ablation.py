@@ -4,7 +4,7 @@ trained at equal budget, evaluated on the test split, with paired statistics.
 Every variant uses the same encoder-decoder, preprocessing (one shared cache: the same
 alignment, spacing and normalisation), augmentation (including the left-right flip of
 whole samples), optimiser and number of optimiser steps; only the branches, the head,
-the margin loss and the schedule differ (:data:`VARIANTS`).
+the margin loss and the schedule differ (:data:`sats.model.config.VARIANTS`).
 
 Layout of ``DIR`` (every file is written atomically, so the study can be killed at any
 point and started again with the same command; finished runs are not retrained; two
@@ -41,26 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sats.data.io import SatsError, atomic_path, write_text_atomic
-from sats.model.run import claim
+from sats.data.io import atomic_path, write_text_atomic
+from sats.geometry.volume import SatsError
+from sats.model.config import SEMI_VARIANTS, VARIANTS, build, parse_fold
+from sats.model.run import CHECKPOINT_FILE, MODEL_FILE, claim
 
-#: Options of :class:`sats.model.training.TrainConfig` that make each variant.
-VARIANTS: dict[str, dict] = {
-    "unet": {"siamese": False, "projection_head": False, "margin_loss": False},  # CT alone, Dice + BCE
-    "siamese": {"projection_head": False, "margin_loss": False},  # Table 3 row 1
-    "margin-no-head": {"projection_head": False, "margin_loss": True},  # row 2
-    "sats": {},  # row 3: the paper's method
-    "sats-joint": {"schedule": "joint"},  # head and margin loss from the first epoch, one stage
-    # Beyond the paper (sats.geometry.asymmetry): the margin loss's region from registration to the
-    # mirror instead of the label; and the labelled cases plus unlabelled CTs (--unlabelled).
-    "sats-unsup": {"asym_region": "unsupervised"},
-    "sats-semi": {},
-    # The same with the margin loss from the first step at the full rate (the paper's stage
-    # 2 trains the encoder-decoder at 1/1000 of it, which leaves little for unlabelled CTs to move).
-    "sats-semi-joint": {"schedule": "joint"},
-}
-#: Variants that add the unlabelled CTs of --unlabelled.
-SEMI = ("sats-semi", "sats-semi-joint")
 #: The study's default: the paper's Table 3 and the two baselines.
 PAPER_VARIANTS = ("unet", "siamese", "margin-no-head", "sats", "sats-joint")
 BASELINES = ("unet", "siamese")
@@ -103,33 +88,19 @@ class AblationSettings:
             raise SatsError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
         if not self.variants or not self.seeds:
             raise SatsError("an ablation needs at least one variant and one seed")
-        semi = [v for v in self.variants if v in SEMI]
+        semi = [v for v in self.variants if v in SEMI_VARIANTS]
         if semi and not self.unlabelled:
             raise SatsError(f"the {', '.join(semi)} variant(s) need --unlabelled DIR (unlabelled CTs)")
 
 
 def variant_config(settings: AblationSettings, variant: str, seed: int):
-    """The TrainConfig of one run."""
-    from sats.model.config import parse_fold, preset
-
-    cfg = preset(settings.preset)
-    if settings.epochs is not None:
-        cfg.set_total_epochs(settings.epochs)
-    if settings.iters_per_epoch is not None:
-        cfg.iters_per_epoch = settings.iters_per_epoch
-    if settings.spacing is not None:
-        cfg.spacing, cfg.follow_data = tuple(settings.spacing), False
-    if settings.patch_size is not None:
-        cfg.patch_size = tuple(settings.patch_size)
-    cfg.fold = parse_fold(settings.fold)
-    cfg.seed = seed
-    cfg.align = settings.align
-    for key, value in VARIANTS[variant].items():
-        setattr(cfg, key, value)
-    if variant in SEMI:
-        cfg.unlabelled = settings.unlabelled
-    cfg.__post_init__()
-    return cfg
+    """The TrainConfig of one run (:func:`sats.model.config.build`)."""
+    given = {"iters_per_epoch": settings.iters_per_epoch,
+             "patch_size": tuple(settings.patch_size) if settings.patch_size else None,
+             "unlabelled": settings.unlabelled if variant in SEMI_VARIANTS else None,
+             **({"spacing": tuple(settings.spacing), "follow_data": False} if settings.spacing else {})}
+    return build(settings.preset, variant=variant, epochs=settings.epochs, fold=parse_fold(settings.fold), seed=seed,
+                 align=settings.align, **{k: v for k, v in given.items() if v is not None})
 
 
 # --- statistics -----------------------------------------------------------------------------
@@ -270,29 +241,30 @@ def _write_rows(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
 
 
 def _run_done(run: Path) -> bool:
-    return (run / "model.pt").exists()
+    return (run / MODEL_FILE).exists()
 
 
-def _test_planes(dataset: Path, out: Path, align: bool, console) -> dict[str, dict | None]:
-    """The mid-sagittal plane of each test CT, estimated once for the whole study."""
-    from sats.geometry.alignment import UnreliablePlane, estimate_plane
+def _test_planes(dataset: Path, out: Path, align: bool, console) -> dict:
+    """The mid-sagittal plane of each test CT (an :class:`~sats.geometry.alignment.Alignment`),
+    found once for the whole study and kept in ``test_planes.json``. Every test case is
+    scored: leaving out one whose plane cannot be trusted would flatter every variant alike
+    but hide the failure, so it is mirrored about its grid centre instead, said aloud."""
     from sats.data.dataset import list_cases
     from sats.data.io import read_image
+    from sats.geometry.alignment import Alignment
+    from sats.geometry.preprocessing import PlaneSettings, estimate_plane
 
+    settings = PlaneSettings.of(align, None, on_unreliable="grid-centre")
     path = out / "test_planes.json"
-    planes: dict = json.loads(path.read_text()) if path.exists() else {}
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    planes = {cid: Alignment.from_dict(d) for cid, d in stored.items() if d is not None}  # None: an older study's grid centre
     todo = [c for c in list_cases(dataset, "Ts") if c.case_id not in planes]
     for i, case in enumerate(todo, 1):
-        planes[case.case_id] = None
-        if align:
-            try:
-                planes[case.case_id] = estimate_plane(read_image(case.image)).plane.to_dict()
-            except UnreliablePlane as exc:
-                # Every test case is scored (leaving it out would flatter every variant alike
-                # but hide the failure): this one is mirrored about its grid centre instead.
-                console.print(f"[yellow]{case.image}: {exc}; mirrored about the grid centre instead[/]", highlight=False)
+        planes[case.case_id] = found = estimate_plane(read_image(case.image), settings)
+        if align and found.reason:
+            console.print(f"[yellow]{case.image}: {found.reason}; mirrored about the grid centre instead[/]", highlight=False)
         if i % 10 == 0 or i == len(todo):
-            write_text_atomic(path, json.dumps(planes, indent=1))
+            write_text_atomic(path, json.dumps({cid: a.to_dict() for cid, a in planes.items()}, indent=1))
             console.print(f"  test planes: {len(planes)} found", highlight=False)
     return planes
 
@@ -300,11 +272,9 @@ def _test_planes(dataset: Path, out: Path, align: bool, console) -> dict[str, di
 def _predict_and_score(run: Path, dataset: Path, planes: dict, console, device: str | None = None) -> list[dict]:
     """Predict every test CT into ``run/test`` (cases already there are kept), then score."""
     from sats.data.dataset import list_cases
+    from sats.data.io import read_image, write_image
     from sats.evaluation.metrics import compute_metrics
     from sats.predict.inference import load_run, predict_case
-    from sats.data.io import read_image, write_image
-    from sats.geometry.preprocessing import preprocess
-    from sats.geometry.symmetry import Plane
 
     scores = run / "metrics.csv"
     if scores.exists():
@@ -320,8 +290,7 @@ def _predict_and_score(run: Path, dataset: Path, planes: dict, console, device: 
         if target.exists():
             mask = read_image(target)
         else:
-            plane = planes.get(case.case_id)
-            pre = preprocess(ct, loaded.spacing, loaded.stats, plane=Plane.from_dict(plane) if plane else None)
+            pre = loaded.preprocessor(ct, alignment=planes.get(case.case_id))
             mask = predict_case(loaded, ct, pre, device=device).mask
             write_image(mask, target)
         m = compute_metrics(mask.array, read_image(case.label).array, ct.spacing, case=case.case_id)  # type: ignore[arg-type]
@@ -400,7 +369,7 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
                 if not _run_done(run):
                     cfg = variant_config(settings, variant, seed)
                     console.rule(f"run {i}/{len(runs)}: {variant}, seed {seed}")
-                    train(dataset, run, cfg, resume=(run / "checkpoint.pt").exists(), cache=out / "cache", device=device,
+                    train(dataset, run, cfg, resume=(run / CHECKPOINT_FILE).exists(), cache=out / "cache", device=device,
                           console=console)
                 if planes is None:
                     planes = _test_planes(dataset, out, variant_config(settings, variant, seed).align, console)

@@ -15,7 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from sats.data.io import Volume, atomic_path
+from sats.data.io import atomic_path
+from sats.geometry.volume import Volume
 
 WINDOW = (-160.0, 240.0)  # soft-tissue window W400 / L40
 

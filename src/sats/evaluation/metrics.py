@@ -43,7 +43,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from sats.data.io import IMAGE_SUFFIXES, SatsError, atomic_path, case_id, is_image_file, read_image, write_text_atomic
+from sats.data.io import IMAGE_SUFFIXES, atomic_path, case_id, is_image_file, read_image, write_text_atomic
+from sats.geometry.volume import SatsError
 
 Spacing = tuple[float, float, float]
 

@@ -16,28 +16,29 @@ image lives in atlas space, whose central sagittal plane is the atlas's plane.
 
 In every mode the result is an :class:`Alignment`: the plane in the input's physical
 (LPS mm) space with symmetry scores before and after. The resampling onto the symmetric
-grid (:func:`sats.geometry.preprocessing.symmetric_grid`) and back onto the input grid
-(:func:`sats.geometry.preprocessing.resample_to`) needs only that plane, so the alignment is
+grid (:func:`sats.geometry.grid.symmetric_grid`) and back onto the input grid
+(:func:`sats.geometry.grid.resample_to`) needs only that plane, so the alignment is
 invertible by construction; :func:`aligned_volume` also returns the rigid transform
 from the aligned frame to the input.
+
+This module holds the searches; which one runs, and what happens when its plane cannot be
+trusted, is decided in one place: :func:`sats.geometry.preprocessing.estimate_plane`.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from sats.data.io import SatsError, Volume, from_sitk, to_sitk, write_text_atomic
-from sats.geometry.volume import itk_reason
-from sats.geometry.preprocessing import body_mask, grid_centre_plane
+from sats.geometry.grid import body_mask, grid_centre_plane, resample_to, symmetric_grid
 from sats.geometry.symmetry import Plane, mirror_lr
+from sats.geometry.volume import SatsError, Volume, from_sitk, itk_reason, to_sitk
 
 #: HU window for registration: air to dense bone; metal streaks above it are clipped.
 HU_WINDOW = (-400.0, 1500.0)
@@ -47,22 +48,52 @@ MIN_SYMMETRY = 0.3
 
 class UnreliablePlane(SatsError):
     """The best plane found still leaves the CT far from symmetric (not a head, or a scan
-    cut so that no symmetric anatomy is left)."""
+    cut so that no symmetric anatomy is left). ``score`` is that plane's symmetry score."""
+
+    def __init__(self, message: str, score: float = math.nan) -> None:
+        super().__init__(message)
+        self.score = score
 
 
 @dataclass
 class Alignment:
-    """Result of a plane search: the plane (input LPS mm), symmetry scores before and after, seconds."""
+    """The mid-sagittal plane of one CT and how it was found: the plane object of sats.
+
+    Attributes:
+        plane: the plane in the CT's physical space (LPS mm).
+        score_before, score_after: symmetry (:func:`symmetry_score`, 1 = symmetric) about the
+            grid's central sagittal plane and about ``plane``; NaN where not measured.
+        seconds: time the search took.
+        source: how the plane was found: "symmetry" (:func:`find_plane`), "registration"
+            (:func:`find_plane_registration`), "atlas" (:func:`plane_from_atlas`) or
+            "grid-centre" (no alignment, or an unreliable plane replaced; ``reason`` says which).
+        reason: why the grid's central plane stands in; None otherwise.
+
+    ``to_dict``/``from_dict`` are its one serialised form (the training cache, the
+    ablation's test planes, ``sats align --plane-json``).
+    """
 
     plane: Plane
     score_before: float
     score_after: float
     seconds: float
-    extra: dict = field(default_factory=dict)
+    source: str = "symmetry"
+    reason: str | None = None
 
     def to_dict(self) -> dict:
         return {**self.plane.to_dict(), "symmetry_before": self.score_before, "symmetry_after": self.score_after,
-                "seconds": self.seconds, **self.extra}
+                "seconds": self.seconds, "source": self.source, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Alignment:
+        """Inverse of :meth:`to_dict`; a bare plane ``{"normal", "point"}`` (older files) reads as found by symmetry."""
+        return cls(Plane.from_dict(d), float(d.get("symmetry_before", math.nan)), float(d.get("symmetry_after", math.nan)),
+                   float(d.get("seconds", 0.0)), str(d.get("source", "symmetry")), d.get("reason"))
+
+    @classmethod
+    def grid_centre(cls, ct: Volume, reason: str) -> Alignment:
+        """The grid's central sagittal plane standing in for the mid-sagittal plane (what a plain flip mirrors about)."""
+        return cls(grid_centre_plane(ct), math.nan, math.nan, 0.0, "grid-centre", reason)
 
 
 def reflection_matrix(plane: Plane) -> tuple[np.ndarray, np.ndarray]:
@@ -222,8 +253,7 @@ def find_plane_registration(ct: Volume, shrink_levels: tuple[float, ...] = (8.0,
     body = body_mask(ct.array)
     before = symmetry_score(ct, grid_plane, body)
     after = symmetry_score(ct, plane, body)
-    return Alignment(plane, before, after, time.time() - t0,
-                     {"iterations": reg.GetOptimizerIteration(), "metric": reg.GetMetricValue()})
+    return Alignment(plane, before, after, time.time() - t0, "registration")
 
 
 def _plane_params(ct: Volume, start: Plane, params: np.ndarray) -> Plane:
@@ -307,11 +337,7 @@ def find_plane(ct: Volume, levels_mm: tuple[float, ...] = (6.0, 3.0, 1.5), n_poi
     body = body_mask(vol.array)
     return Alignment(plane, symmetry_score(vol, grid_centre_plane(ct), body, device),
                      symmetry_score(vol, plane, body, device),
-                     time.time() - t0, {"method": "symmetry-plane"})
-
-
-def write_plane_json(alignment: Alignment, path: Path) -> None:
-    write_text_atomic(path, json.dumps(alignment.to_dict(), indent=2))
+                     time.time() - t0, "symmetry")
 
 
 def aligned_volume(ct: Volume, plane: Plane, spacing: tuple[float, float, float] | None = None) -> tuple[Volume, sitk.AffineTransform]:
@@ -321,8 +347,6 @@ def aligned_volume(ct: Volume, plane: Plane, spacing: tuple[float, float, float]
     Returns the aligned volume and the rigid transform mapping aligned-space points to
     input points (ITK's resampling convention; ``GetInverse()`` maps back).
     """
-    from sats.geometry.preprocessing import resample_to, symmetric_grid
-
     grid = symmetric_grid(ct, spacing or ct.spacing, plane)
     frame = grid.direction
     hu = resample_to(ct, grid, order=1, default=-1024.0)
@@ -335,26 +359,6 @@ def aligned_volume(ct: Volume, plane: Plane, spacing: tuple[float, float, float]
     transform.SetMatrix(frame.ravel().tolist())
     transform.SetTranslation(plane.point.tolist())
     return aligned, transform
-
-
-def estimate_plane(ct: Volume, atlas: Volume | None = None, method: str = "symmetry",
-                   device: str | torch.device = "cpu") -> Alignment:
-    """The mid-sagittal plane by the chosen mode: the CT against its own mirror
-    (``method`` "symmetry": :func:`find_plane`; "registration": :func:`find_plane_registration`),
-    or affine registration to a symmetric ``atlas`` (whose central sagittal plane is its plane).
-    ``device`` runs the symmetry search's sampling there (a GPU when prediction uses one)."""
-    if atlas is None:
-        if method not in ("symmetry", "registration"):
-            raise SatsError(f"unknown plane method {method!r} (symmetry or registration)")
-        result = find_plane(ct, device=device) if method == "symmetry" else find_plane_registration(ct)
-    else:
-        result = plane_from_atlas(ct, atlas)
-    if result.score_after < MIN_SYMMETRY:
-        raise UnreliablePlane(
-            f"mid-sagittal plane unreliable: symmetry score {result.score_after:.2f} after alignment "
-            f"(below {MIN_SYMMETRY}); is this a head CT? (for other images, train with --no-align)"
-        )
-    return result
 
 
 def _register_to_atlas(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, transform, iterations: int) -> None:
@@ -391,27 +395,4 @@ def plane_from_atlas(ct: Volume, atlas: Volume, iterations: int = 200) -> Alignm
     plane = Plane(normal, point)
     body = body_mask(ct.array)
     return Alignment(plane, symmetry_score(ct, grid_centre_plane(ct), body), symmetry_score(ct, plane, body),
-                     time.time() - t0, {"mode": "atlas"})
-
-
-def make_atlas(cts: list[Volume], spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)) -> Volume:
-    """A symmetric atlas: each CT aligned on its own plane, resampled onto one head-frame
-    grid, averaged with its mirror. HU (float32), identity direction, plane at x = 0."""
-    if not cts:
-        raise SatsError("make-atlas needs at least one CT")
-    aligned = [aligned_volume(ct, find_plane(ct).plane, spacing)[0] for ct in cts]
-    # A common grid covering the union of the aligned extents, symmetric about x = 0.
-    lo = np.min([np.asarray(v.origin) for v in aligned], axis=0)
-    hi = np.max([np.asarray(v.origin) + (np.array(v.shape[::-1]) - 1) * np.array(v.spacing[::-1]) for v in aligned], axis=0)
-    half_x = max(abs(lo[0]), abs(hi[0]))
-    size_xyz = np.ceil((np.array([2 * half_x, hi[1] - lo[1], hi[2] - lo[2]])) / np.array(spacing[::-1])).astype(int) + 1
-    size_xyz[0] += size_xyz[0] % 2
-    origin = np.array([-(size_xyz[0] - 1) / 2 * spacing[2], lo[1], lo[2]])
-    from sats.geometry.preprocessing import resample_to
-
-    reference = Volume(np.zeros(tuple(size_xyz[::-1]), np.uint8), spacing=spacing, origin=tuple(origin))
-    total = np.zeros(reference.shape, np.float32)
-    for v in aligned:
-        total += resample_to(v, reference, order=1, default=-1024.0).array
-    mean = total / len(aligned)
-    return reference.with_array(((mean + mirror_lr(mean)) / 2).astype(np.float32))
+                     time.time() - t0, "atlas")

@@ -20,7 +20,7 @@ than the skin, where couch and mask differences live), without regions smaller t
 ``min_ml``.
 
 By default (``region="nasopharynx"``) all of this happens in the box around the
-nasopharynx that prediction also looks in (:func:`sats.predict.roi.landmark_box`: the lumen found
+nasopharynx that prediction also looks in (:func:`sats.geometry.landmarks.landmark_box`: the lumen found
 after alignment, widened by 45-50 mm, symmetric about the plane); outside it the score is
 0. A head-and-neck CT is asymmetric in many places that say nothing about a GTV (mastoid
 air cells, a turned neck, the shoulders, the couch side), and registering the whole body
@@ -42,9 +42,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from sats.data.io import SatsError, Volume, to_sitk
-from sats.geometry.preprocessing import Preprocessed, body_mask
+from sats.geometry.grid import body_mask, box_to_roi, resample_to
+from sats.geometry.landmarks import landmark_box
+from sats.geometry.preprocessing import PlaneSettings, Preprocessed, Preprocessor
 from sats.geometry.symmetry import mirror_lr
+from sats.geometry.volume import SatsError, Volume, to_sitk
 
 #: HU window for registration and residual: air to dense soft tissue / thin bone. Bone and
 #: metal above it would dominate the residual with tiny misregistrations.
@@ -64,7 +66,7 @@ class AsymmetryConfig:
     threshold: float = 1.0  # score at or above which a voxel is asymmetric
     min_ml: float = 0.3  # smaller connected regions are dropped
     skin_mm: float = 5.0  # ignore the outermost mm of the body (couch, mask, skin folds)
-    region: str = "nasopharynx"  # where to look: "nasopharynx" (the landmark box of sats.predict.roi) or "body"
+    region: str = "nasopharynx"  # where to look: "nasopharynx" (sats.geometry.landmarks.landmark_box) or "body"
     context_mm: float = 20.0  # the registration sees the region widened by this much (scoring stays inside)
 
     def to_dict(self) -> dict:
@@ -128,13 +130,11 @@ def analysis_region(pre: Preprocessed, config: AsymmetryConfig | None = None, wi
 
 def _regions(pre: Preprocessed, cfg: AsymmetryConfig, widths_mm: tuple[float, ...]) -> list[tuple[slice, slice, slice]]:
     """:func:`analysis_region` widened by each of ``widths_mm``; the landmarks are found once."""
-    from sats.predict.roi import box_to_roi, landmark_box
-
     if cfg.region == "body":
         return [tuple(slice(0, n) for n in pre.grid.shape)] * len(widths_mm)  # type: ignore[list-item]
     if cfg.region != "nasopharynx":
         raise SatsError(f"unknown asymmetry region {cfg.region!r} (use 'nasopharynx' or 'body')")
-    lo, hi, _ = landmark_box(pre.grid, pre)  # pre.grid is in HU here: it stands in for the CT
+    lo, hi, _ = landmark_box(pre.grid, pre.grid, pre.plane)  # pre.grid is in HU here: it stands in for the CT
     return [box_to_roi(lo - w, hi + w, pre.grid, MIN_REGION_VOX, "asymmetry").slices for w in widths_mm]
 
 
@@ -142,7 +142,7 @@ def asymmetry_cues(pre: Preprocessed, config: AsymmetryConfig | None = None) -> 
     """Register the mirror to the CT and measure what is left (see the module docstring).
 
     Args:
-        pre: the CT on its symmetric grid **in HU** (:func:`sats.geometry.preprocessing.preprocess`
+        pre: the CT on its symmetric grid **in HU** (:class:`sats.geometry.preprocessing.Preprocessor`
             with ``stats=None``): (z, y, x), the central sagittal plane is the mid-sagittal
             plane and the last axis is left-right.
     Returns:
@@ -204,7 +204,7 @@ def asymmetry_map(pre: Preprocessed, config: AsymmetryConfig | None = None) -> A
     """Unsupervised asymmetry of a CT on its symmetric grid: m_unsup and its soft score.
 
     Args:
-        pre: the CT on its symmetric grid in HU (:func:`sats.geometry.preprocessing.preprocess`
+        pre: the CT on its symmetric grid in HU (:class:`sats.geometry.preprocessing.Preprocessor`
             with ``stats=None``): (z, y, x), the central sagittal plane is the mid-sagittal
             plane, the last axis is left-right.
         config: settings (default :class:`AsymmetryConfig`).
@@ -212,7 +212,7 @@ def asymmetry_map(pre: Preprocessed, config: AsymmetryConfig | None = None) -> A
         The soft score and m_unsup on ``pre.grid``.
 
     Example:
-        >>> pre = preprocess(ct, (2.0, 2.0, 2.0), None, plane=estimate_plane(ct).plane)
+        >>> pre = Preprocessor((2.0, 2.0, 2.0))(ct)   # aligned, in HU
         >>> m = asymmetry_map(pre).mask     # 1 where the CT differs from its mirror
     """
     t0 = time.time()
@@ -237,18 +237,15 @@ def asymmetry_on_input_grid(ct: Volume, spacing: tuple[float, float, float] = DE
                             config: AsymmetryConfig | None = None) -> tuple[Volume, Volume, float]:
     """m_unsup and the soft score of a CT in any orientation, on the CT's own grid.
 
-    The CT is aligned (:func:`sats.geometry.alignment.estimate_plane`), resampled onto its symmetric
+    The CT is aligned (:func:`sats.geometry.preprocessing.estimate_plane`), resampled onto its symmetric
     grid at ``spacing`` (z, y, x mm), scored there (:func:`asymmetry_map`) and resampled back
     (the score linearly, the mask linearly then thresholded at 0.5).
 
     Returns:
         ``(mask uint8, score float32, seconds)``, both with ``ct``'s exact geometry.
     """
-    from sats.geometry.alignment import estimate_plane
-    from sats.geometry.preprocessing import preprocess, resample_to
-
     t0 = time.time()
-    pre = preprocess(ct, spacing, None, plane=estimate_plane(ct).plane)
+    pre = Preprocessor(spacing, None, PlaneSettings())(ct)
     result = asymmetry_map(pre, config)
     score = resample_to(pre.grid.with_array(result.score), ct, order=1, default=0.0)
     mask = resample_to(pre.grid.with_array(result.mask.astype(np.float32)), ct, order=1, default=0.0)

@@ -1,33 +1,49 @@
-"""Preprocessing shared by training and prediction.
+"""Preprocessing shared by training and prediction, and the one home of the mid-sagittal plane.
 
-One resampling takes a CT from its native grid to the **symmetric grid**: axes aligned
-with the mid-sagittal plane (x = plane normal, towards the patient's left), voxel centres
-placed so that the plane is exactly the central sagittal plane, the target spacing, and
-the extent cropped to the body (in z and y freely, in x symmetrically about the plane).
-A left-right flip of the last array axis is then the anatomical mirror (:mod:`sats.geometry.symmetry`).
+:class:`Preprocessor` takes a CT (HU, any grid) to its case on the **symmetric grid**
+(:mod:`sats.geometry.grid`: the mid-sagittal plane is the central sagittal plane, the last
+axis is left-right, so :func:`sats.geometry.symmetry.mirror_lr` is the anatomical mirror)
+at the run's spacing, normalised. Training (labelled and unlabelled CTs), prediction,
+``sats asymmetry``, the ablation's test cases, ``sats align``, ``sats make-atlas`` and the
+lesion test bed all find their plane through :func:`estimate_plane`, with one policy for a
+plane that cannot be trusted (:class:`PlaneSettings`):
 
-The symmetric grid is an ordinary grid in physical space, so mapping a prediction back
-is a resampling onto the input grid (:func:`resample_to`): no transform bookkeeping.
-Without a plane estimate the plane defaults to the input grid's own central sagittal
-plane (what a naive flip assumes); :mod:`sats.geometry.alignment` supplies real estimates.
+* ``on_unreliable="raise"`` (default): :class:`sats.geometry.alignment.UnreliablePlane`.
+  Prediction refuses the CT with that reason; training leaves the case out and says so.
+* ``on_unreliable="grid-centre"``: the grid's central sagittal plane stands in (what a
+  plain flip mirrors about) and :attr:`Alignment.reason` says why; the ablation scores
+  every test case this way rather than hide a failure.
+
+The plane is an :class:`sats.geometry.alignment.Alignment`; ``to_dict``/``from_dict`` are its
+one serialised form.
 
 CT intensities are normalised as nnU-Net does for CT: clip to the 0.5 / 99.5 percentiles
 of foreground (label) HU over the training set, then subtract their mean and divide by
 their standard deviation.
+
+Example:
+    >>> pre = Preprocessor((3.0, 1.6, 1.6), stats)(ct)       # doctest: +SKIP
+    >>> pre.image.shape, pre.alignment.source                # (z, y, x) on the symmetric grid
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
-import SimpleITK as sitk
-from scipy import ndimage
 
-from sats.data.io import SatsError, Volume, from_sitk, to_sitk
-from sats.geometry.symmetry import Plane
+from sats.geometry.alignment import MIN_SYMMETRY, Alignment, UnreliablePlane, aligned_volume, find_plane, find_plane_registration, plane_from_atlas
+from sats.geometry.grid import resample_to, symmetric_grid
+from sats.geometry.symmetry import Plane, mirror_lr
+from sats.geometry.volume import SatsError, Volume, validate_options
 
-BODY_HU = -500.0  # air/body threshold
+AlignMode = Literal["self", "atlas", "none"]
+PlaneMethod = Literal["symmetry", "registration"]
+UnreliablePolicy = Literal["raise", "grid-centre"]
 
 
 @dataclass
@@ -65,145 +81,105 @@ def foreground_samples(ct: Volume, label: Volume, n: int = 10000, seed: int = 0)
     return values.astype(np.float32)
 
 
-def grid_centre_plane(volume: Volume) -> Plane:
-    """The central sagittal plane of the grid: what a plain array flip mirrors about."""
-    centre = volume.index_to_physical(np.array([(s - 1) / 2 for s in volume.shape]))
-    return Plane(volume.direction[:, 0], centre)
+# --- the mid-sagittal plane ------------------------------------------------------------------
 
 
-def keep_largest_component(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
-    """The largest connected region of a binary ``(z, y, x)`` mask (6- or 26-connected);
-    the mask itself when it has at most one region."""
-    structure = ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[connectivity])
-    labels, n = ndimage.label(mask, structure=structure)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+@dataclass(frozen=True)
+class PlaneSettings:
+    """How a CT's mid-sagittal plane is found.
 
-
-def body_mask(hu: np.ndarray) -> np.ndarray:
-    """The patient: the largest 6-connected region above -500 HU (drops the couch and
-    immobilisation devices when they do not touch the body)."""
-    return keep_largest_component(hu > BODY_HU, connectivity=6)
-
-
-def symmetric_grid(ct: Volume, spacing: tuple[float, float, float], plane: Plane | None = None, margin_mm: float = 5.0) -> Volume:
-    """The output grid (geometry only, an empty uint8 array) for :func:`preprocess`.
-
-    Args:
-        ct: input CT in HU.
-        spacing: target spacing (z, y, x) mm.
-        plane: mid-sagittal plane; default the input grid's central sagittal plane.
-        margin_mm: margin around the body's bounding box.
+    Attributes:
+        mode: "self" (the CT against its own mirror), "atlas" (affine registration to the
+            symmetric atlas image at ``atlas``) or "none" (the grid's central sagittal plane).
+        atlas: path of the atlas image (mode "atlas").
+        method: mode "self": "symmetry" (the plane search, default) or "registration"
+            (rigid registration of the CT to its mirror).
+        on_unreliable: "raise" or "grid-centre" (see the module docstring).
+        quick: a coarser search (two levels, 20k points; about five times faster, good to a
+            degree or so), for the landmark search of the lesion test bed.
     """
-    plane = plane or grid_centre_plane(ct)
-    x_axis = plane.normal
-    y_in = ct.direction[:, 1]
-    y_axis = y_in - (y_in @ x_axis) * x_axis
-    y_axis /= np.linalg.norm(y_axis)
-    z_axis = np.cross(x_axis, y_axis)
-    if z_axis @ ct.direction[:, 2] < 0:  # keep slices ascending like the input
-        z_axis = -z_axis
-        y_axis = -y_axis
-    frame = np.stack([x_axis, y_axis, z_axis], axis=1)  # columns = new index axes (x, y, z)
 
-    body = body_mask(ct.array)
-    if not body.any():
-        raise SatsError("no body found (no voxels above -500 HU): is this a CT in HU?")
-    # Body surface voxels suffice for the extent; subsample for speed.
-    idx = np.argwhere(body ^ ndimage.binary_erosion(body))
-    if len(idx) > 200000:
-        idx = idx[:: len(idx) // 200000 + 1]
-    coords = (ct.index_to_physical(idx) - plane.point) @ frame  # (n, 3) in the plane frame, (x, y, z)
-    lo = coords.min(axis=0) - margin_mm
-    hi = coords.max(axis=0) + margin_mm
-    half_x = max(abs(lo[0]), abs(hi[0]))
-    sx, sy, sz = spacing[2], spacing[1], spacing[0]
-    nx = int(np.ceil(2 * half_x / sx)) + 1
-    nx += nx % 2  # even, like every patch size, so centred windows fall on whole voxels
-    ny = int(np.ceil((hi[1] - lo[1]) / sy)) + 1
-    nz = int(np.ceil((hi[2] - lo[2]) / sz)) + 1
-    # Voxel centres symmetric about x = 0 (the plane): the flip is exact.
-    start = np.array([-(nx - 1) / 2 * sx, lo[1], lo[2]])
-    origin = plane.point + frame @ start
-    return Volume(np.zeros((nz, ny, nx), np.uint8), spacing=spacing, origin=tuple(origin), direction=frame)
+    mode: AlignMode = "self"
+    atlas: str | None = None
+    method: PlaneMethod = field(default="symmetry", metadata={"option": "--method"})
+    on_unreliable: UnreliablePolicy = "raise"
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        validate_options(self)
+        if (self.mode == "atlas") != (self.atlas is not None):
+            raise SatsError("an atlas image goes with mode 'atlas', and only with it")
+
+    @classmethod
+    def of(cls, align: bool, atlas: str | None, on_unreliable: UnreliablePolicy = "raise") -> PlaneSettings:
+        """From a training configuration's ``align`` and ``atlas`` (``TrainConfig``, a RUN's config)."""
+        mode: AlignMode = "none" if not align else ("atlas" if atlas else "self")
+        return cls(mode, str(Path(atlas).resolve()) if mode == "atlas" else None, on_unreliable=on_unreliable)
+
+    @property
+    def key(self) -> str:
+        """What the case caches are keyed by: "none", "self" or "atlas:/path"."""
+        return f"atlas:{self.atlas}" if self.mode == "atlas" else self.mode
 
 
-def resample_to(volume: Volume, reference: Volume, order: int = 1, default: float | None = None,
-                device: str | None = None) -> Volume:
-    """Resample ``volume`` onto the grid of ``reference`` (physical space, identity transform).
+@functools.lru_cache(maxsize=4)
+def _atlas_image(path: str, mtime_ns: int) -> Volume:
+    from sats.data.io import read_image
 
-    Args:
-        order: 0 nearest neighbour, 1 linear, 3 B-spline.
-        default: value outside ``volume``; default its minimum (air for CT, 0 for masks).
-        device: None for SimpleITK on the CPU; a torch device (e.g. "cuda") interpolates
-            there with ``grid_sample`` instead (order 0 or 1), the same values within
-            float32 rounding (:func:`resample_torch`).
+    return read_image(path)
+
+
+def read_atlas(path: str) -> Volume:
+    """The atlas image at ``path``, read once per process (and again when the file changes)."""
+    if not Path(path).exists():
+        raise SatsError(f"{path}: the symmetric atlas is missing (the model was aligned with it)")
+    return _atlas_image(str(path), os.stat(path).st_mtime_ns)
+
+
+def estimate_plane(ct: Volume, settings: PlaneSettings | None = None, device: str = "cpu") -> Alignment:
+    """The mid-sagittal plane of ``ct`` (HU, any grid) as ``settings`` say; the only caller
+    of the plane searches of :mod:`sats.geometry.alignment`.
+
+    A plane whose symmetry score is under :data:`sats.geometry.alignment.MIN_SYMMETRY` is
+    unreliable: an :class:`UnreliablePlane`, or with ``on_unreliable="grid-centre"`` the
+    grid's central plane with the reason. ``device`` runs the symmetry search's sampling
+    there (a GPU when prediction uses one).
     """
-    fill = float(volume.array.min()) if default is None else float(default)
-    if device is not None:
-        return resample_torch(volume, reference, order, fill, device)
-    interp = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}[order]
-    image = to_sitk(volume.with_array(volume.array.astype(np.float32)))
-    ref = to_sitk(reference.with_array(np.zeros(reference.shape, np.uint8)))
-    out = sitk.Resample(image, ref, sitk.Transform(), interp, fill, sitk.sitkFloat32)
-    return from_sitk(out)
+    s = settings or PlaneSettings()
+    if s.mode == "none":
+        return Alignment.grid_centre(ct, "alignment off")
+    if s.mode == "atlas":
+        found = plane_from_atlas(ct, read_atlas(s.atlas))  # type: ignore[arg-type]
+    elif s.method == "registration":
+        found = find_plane_registration(ct)
+    else:
+        found = find_plane(ct, **({"levels_mm": (6.0, 3.0), "n_points": 20000} if s.quick else {}), device=device)
+    if found.score_after >= MIN_SYMMETRY:
+        return found
+    why = (f"mid-sagittal plane unreliable: symmetry score {found.score_after:.2f} after alignment "
+           f"(below {MIN_SYMMETRY}); is this a head CT? (for other images, train with --no-align)")
+    if s.on_unreliable == "raise":
+        raise UnreliablePlane(why, found.score_after)
+    return Alignment.grid_centre(ct, why)
 
 
-def resample_torch(volume: Volume, reference: Volume, order: int, fill: float, device: str,
-                   slab_voxels: int = 8_000_000) -> Volume:
-    """:func:`resample_to` with ``torch.nn.functional.grid_sample`` on ``device``; float32.
-
-    Follows ITK's rule: a point whose continuous index lies within half a voxel of the
-    image (every axis in [-0.5, n - 0.5]) is interpolated, its neighbours clamped to the
-    image; any other point gets ``fill``. Output slabs of about ``slab_voxels`` bound the
-    memory of the sampling grid.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if order not in (0, 1):
-        raise ValueError(f"resample_torch interpolates with order 0 or 1, not {order}")
-    dev = torch.device(device)
-    # (z, y, x) index of the reference -> (z, y, x) index of the volume, idx_v = A @ idx_r + b,
-    # from the volumes' own geometry: the images of the origin and of the three unit steps.
-    steps = volume.physical_to_index(reference.index_to_physical(np.vstack([np.zeros(3), np.eye(3)])))
-    b = np.ascontiguousarray(steps[0])
-    a = np.ascontiguousarray((steps[1:] - b).T)
-    size_v = np.array(volume.shape, dtype=np.float64)
-    src = torch.as_tensor(np.ascontiguousarray(volume.array, dtype=np.float32), device=dev)[None, None]
-    a_t = torch.as_tensor(a, dtype=torch.float32, device=dev)
-    b_t = torch.as_tensor(b, dtype=torch.float32, device=dev)
-    half = torch.as_tensor(size_v - 1, dtype=torch.float32, device=dev)
-    nz, ny, nx = reference.shape
-    out = torch.empty((nz, ny, nx), dtype=torch.float32, device=dev)
-    step = max(1, slab_voxels // max(ny * nx, 1))
-    yy, xx = torch.meshgrid(torch.arange(ny, device=dev, dtype=torch.float32),
-                            torch.arange(nx, device=dev, dtype=torch.float32), indexing="ij")
-    for z0 in range(0, nz, step):
-        zz = torch.arange(z0, min(z0 + step, nz), device=dev, dtype=torch.float32)
-        idx = torch.stack(torch.broadcast_tensors(zz[:, None, None], yy[None], xx[None]), dim=-1)  # (k, ny, nx, 3) z, y, x
-        src_idx = idx @ a_t.T + b_t
-        inside = ((src_idx >= -0.5) & (src_idx <= half + 0.5)).all(dim=-1)
-        # grid_sample wants (x, y, z) in [-1, 1] (align_corners: -1 and 1 are the end voxels' centres).
-        norm = torch.where(half > 0, 2 * src_idx / half.clamp(min=1) - 1, torch.zeros_like(src_idx))
-        sampled = F.grid_sample(src, norm.flip(-1)[None], mode="bilinear" if order == 1 else "nearest",
-                                padding_mode="border", align_corners=True)[0, 0]
-        out[z0:z0 + len(zz)] = torch.where(inside, sampled, torch.full_like(sampled, fill))
-    return reference.with_array(out.cpu().numpy())
+# --- the case on its symmetric grid ----------------------------------------------------------
 
 
 @dataclass
 class Preprocessed:
-    """A case on its symmetric grid: ``image`` normalised float32 (z, y, x), ``label``
-    uint8 or None, ``grid`` the geometry (a Volume whose array is ``image``)."""
+    """A case on its symmetric grid: ``image`` float32 (z, y, x), normalised (HU where no
+    statistics were given), ``label`` uint8 or None, ``grid`` the geometry (a Volume whose
+    array is ``image``), ``alignment`` the plane it was resampled about."""
 
     image: np.ndarray
     label: np.ndarray | None
     grid: Volume
-    plane: Plane
+    alignment: Alignment
+
+    @property
+    def plane(self) -> Plane:
+        return self.alignment.plane
 
 
 def preprocess(
@@ -211,17 +187,69 @@ def preprocess(
     spacing: tuple[float, float, float],
     stats: IntensityStats | None,
     label: Volume | None = None,
-    plane: Plane | None = None,
+    plane: Plane | Alignment | None = None,
     device: str | None = None,
 ) -> Preprocessed:
-    """Native CT (HU) -> normalised image on the symmetric grid (and the label, resampled
-    linearly and thresholded at 0.5). ``stats=None`` leaves HU unnormalised. ``device``:
-    where the CT is resampled (:func:`resample_to`; None: SimpleITK on the CPU)."""
-    plane = plane or grid_centre_plane(ct)
-    grid = symmetric_grid(ct, spacing, plane)
+    """Native CT (HU) -> image on the symmetric grid about a **given** plane (and the label,
+    resampled linearly and thresholded at 0.5); finding the plane is :class:`Preprocessor`'s
+    job. ``plane`` None: the grid's central plane. ``stats=None`` leaves HU unnormalised.
+    ``device``: where the CT is resampled (:func:`resample_to`; None: SimpleITK on the CPU)."""
+    if not isinstance(plane, Alignment):
+        plane = Alignment.grid_centre(ct, "no plane given") if plane is None else Alignment(plane, np.nan, np.nan, 0.0, "given")
+    grid = symmetric_grid(ct, spacing, plane.plane)
     hu = resample_to(ct, grid, order=1, default=-1024.0, device=device).array
-    image = stats.normalise(hu) if stats is not None else hu.astype(np.float32)
+    image = (stats.normalise(hu) if stats is not None else hu).astype(np.float32)
     lab = None
     if label is not None:
         lab = (resample_to(label, grid, order=1, default=0.0).array >= 0.5).astype(np.uint8)
-    return Preprocessed(image.astype(np.float32), lab, grid.with_array(image.astype(np.float32)), plane)
+    return Preprocessed(image, lab, grid.with_array(image), plane)
+
+
+@dataclass
+class Preprocessor:
+    """A CT (HU, any grid) -> its case on the symmetric grid: the plane (:func:`estimate_plane`),
+    the resampling at ``spacing`` (z, y, x) mm and the normalisation (``stats``; None keeps HU).
+
+    ``device``: where the symmetry search samples and (on CUDA) where the CT is resampled;
+    on the CPU SimpleITK's threads resample faster.
+
+    Example:
+        >>> prep = Preprocessor((3.0, 1.6, 1.6), stats, PlaneSettings("self"))   # doctest: +SKIP
+        >>> case = prep(ct, label=gtv)        # aligns, resamples, normalises
+        >>> again = prep(ct, alignment=case.alignment)   # a stored plane: no search
+    """
+
+    spacing: tuple[float, float, float]
+    stats: IntensityStats | None = None
+    planes: PlaneSettings = field(default_factory=PlaneSettings)
+    device: str = "cpu"
+
+    def find_plane(self, ct: Volume) -> Alignment:
+        return estimate_plane(ct, self.planes, self.device)
+
+    def __call__(self, ct: Volume, label: Volume | None = None, alignment: Alignment | None = None) -> Preprocessed:
+        alignment = alignment or self.find_plane(ct)
+        resample_on = self.device if self.device.startswith("cuda") else None
+        return preprocess(ct, self.spacing, self.stats, label, alignment, device=resample_on)
+
+
+def make_atlas(cts: list[Volume], spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)) -> Volume:
+    """A symmetric atlas: each CT aligned on its own plane (:func:`estimate_plane`, an
+    unreliable plane refused), resampled onto one head-frame grid, averaged with its mirror
+    (x, the last axis, is left-right). HU (float32), identity direction, plane at x = 0."""
+    if not cts:
+        raise SatsError("make-atlas needs at least one CT")
+    aligned = [aligned_volume(ct, estimate_plane(ct).plane, spacing)[0] for ct in cts]
+    # A common grid covering the union of the aligned extents, symmetric about x = 0.
+    lo = np.min([np.asarray(v.origin) for v in aligned], axis=0)
+    hi = np.max([np.asarray(v.origin) + (np.array(v.shape[::-1]) - 1) * np.array(v.spacing[::-1]) for v in aligned], axis=0)
+    half_x = max(abs(lo[0]), abs(hi[0]))
+    size_xyz = np.ceil((np.array([2 * half_x, hi[1] - lo[1], hi[2] - lo[2]])) / np.array(spacing[::-1])).astype(int) + 1
+    size_xyz[0] += size_xyz[0] % 2
+    origin = np.array([-(size_xyz[0] - 1) / 2 * spacing[2], lo[1], lo[2]])
+    reference = Volume(np.zeros(tuple(size_xyz[::-1]), np.uint8), spacing=spacing, origin=tuple(origin))
+    total = np.zeros(reference.shape, np.float32)
+    for v in aligned:
+        total += resample_to(v, reference, order=1, default=-1024.0).array
+    mean = total / len(aligned)
+    return reference.with_array(((mean + mirror_lr(mean)) / 2).astype(np.float32))

@@ -16,9 +16,11 @@ This module imports no other part of sats, so every reader (files, DICOM) can us
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,6 +35,22 @@ def itk_reason(exc: Exception) -> str:
     lines are a file/line banner)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[-1] if lines else type(exc).__name__
+
+
+def allowed_values(annotation) -> tuple | None:
+    """The values a ``Literal`` annotation allows; None for any other annotation."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
+def validate_options(obj) -> None:
+    """Raise a SatsError for the first ``Literal`` field of a dataclass whose value is outside its set."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        allowed = allowed_values(hints[f.name])
+        value = getattr(obj, f.name)
+        if allowed is not None and value not in allowed:
+            name = f.metadata.get("option", f.name)  # the CLI flag where the field has one
+            raise SatsError(f"{name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
 
 
 @contextmanager

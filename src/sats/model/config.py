@@ -9,33 +9,17 @@ allowed values rather than a silent fallback.
 from __future__ import annotations
 
 import math
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
+from sats.geometry.volume import SatsError, validate_options
 from sats.model.losses import AsymRegion  # defined beside the loss that uses it
-from sats.geometry.volume import SatsError
 
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["two-stage", "joint"]
 Precision = Literal["fp32", "bf16", "auto"]
 RoiMode = Literal["auto", "whole"]
 
-
-def allowed_values(annotation) -> tuple | None:
-    """The values a ``Literal`` annotation allows; None for any other annotation."""
-    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
-
-
-def validate_options(obj) -> None:
-    """Raise a SatsError for the first ``Literal`` field of a dataclass whose value is outside its set."""
-    hints = typing.get_type_hints(type(obj))
-    for f in fields(obj):
-        allowed = allowed_values(hints[f.name])
-        value = getattr(obj, f.name)
-        if allowed is not None and value not in allowed:
-            name = f.metadata.get("option", f.name)  # the CLI flag where the field has one
-            raise SatsError(f"{name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
 
 
 @dataclass
@@ -129,11 +113,6 @@ class TrainConfig:
     def total_epochs(self) -> int:
         return self.stage1_epochs + self.stage2_epochs
 
-    def set_total_epochs(self, epochs: int) -> None:
-        """Split ``epochs`` 4:1 between the stages, like the paper's 800:200."""
-        self.stage2_epochs = epochs // 5
-        self.stage1_epochs = epochs - self.stage2_epochs
-
     def stage(self, epoch: int) -> str:
         """The stage an epoch (from 0) belongs to: "1", "2" or "joint"."""
         if self.schedule == "joint":
@@ -185,6 +164,55 @@ def preset(name: str) -> TrainConfig:
             optimizer="adamw", lr=3e-3, stage2_backbone_lr=3e-6, foreground_fraction=0.5, val_every=2,
         )
     raise SatsError(f"unknown preset {name!r} (paper or cpu)")
+
+
+#: Ablation variants and baselines: the options of :class:`TrainConfig` that make each
+#: (``sats train --variant``, ``sats ablation --variants``). Everything else is shared.
+VARIANTS: dict[str, dict] = {
+    "unet": {"siamese": False, "projection_head": False, "margin_loss": False},  # CT alone, Dice + BCE
+    "siamese": {"projection_head": False, "margin_loss": False},  # Table 3 row 1
+    "margin-no-head": {"projection_head": False, "margin_loss": True},  # row 2
+    "sats": {},  # row 3: the paper's method
+    "sats-joint": {"schedule": "joint"},  # head and margin loss from the first epoch, one stage
+    # Beyond the paper (sats.geometry.asymmetry): the margin loss's region from registration
+    # to the mirror instead of the label; and the labelled cases plus unlabelled CTs (--unlabelled).
+    "sats-unsup": {"asym_region": "unsupervised"},
+    "sats-semi": {},
+    # The same with the margin loss from the first step at the full rate (the paper's stage
+    # 2 trains the encoder-decoder at 1/1000 of it, which leaves little for unlabelled CTs to move).
+    "sats-semi-joint": {"schedule": "joint"},
+}
+#: Variants that add unlabelled CTs (``--unlabelled``).
+SEMI_VARIANTS = ("sats-semi", "sats-semi-joint")
+
+
+def stage_split(epochs: int) -> dict[str, int]:
+    """``epochs`` split 4:1 between the stages, like the paper's 800:200."""
+    return {"stage1_epochs": epochs - epochs // 5, "stage2_epochs": epochs // 5}
+
+
+def build(preset_name: str = "paper", variant: str | None = None, epochs: int | None = None, **overrides) -> TrainConfig:
+    """The one way a training configuration is made: the preset, then the variant's options
+    (:data:`VARIANTS`), then ``epochs`` (split 4:1 between the stages; the whole of a joint
+    schedule) and the explicit ``overrides`` (any :class:`TrainConfig` field), validated once.
+
+    Example:
+        >>> cfg = build("cpu", variant="unet", epochs=40, seed=3)
+        >>> cfg.siamese, cfg.stage1_epochs + cfg.stage2_epochs, cfg.seed
+        (False, 40, 3)
+    """
+    base = preset(preset_name)
+    if variant is not None and variant not in VARIANTS:
+        raise SatsError(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise SatsError(f"unknown training option(s) {', '.join(unknown)}")
+    changes = {**(VARIANTS[variant] if variant else {}), **(stage_split(epochs) if epochs is not None else {}), **overrides}
+    for key in ("patch_size", "spacing"):
+        if changes.get(key) is not None:
+            changes[key] = tuple(changes[key])
+    return replace(base, **changes)
 
 
 def parse_fold(text: str) -> int | Literal["all"]:

@@ -34,14 +34,18 @@ from typing import Iterator
 import torch
 
 from sats import __version__
-from sats.model.config import TrainConfig
 from sats.data.io import atomic_path, write_text_atomic
-from sats.model.network import NetworkPlan, SATsNet, to_preferred_layout
 from sats.geometry.preprocessing import IntensityStats
 from sats.geometry.volume import SatsError
+from sats.model.config import TrainConfig
+from sats.model.network import NetworkPlan, SATsNet, to_preferred_layout
 
 #: Bumped when RUN folders stop being readable by older code.
 RUN_FORMAT = 1
+
+#: The files of a RUN folder (see the module docstring).
+CONFIG_FILE, MODEL_FILE, LOCALISER_FILE, CHECKPOINT_FILE = "config.json", "model.pt", "localiser.pt", "checkpoint.pt"
+LOG_FILE, CURVES_FILE = "log.csv", "curves.png"
 
 LOG_COLUMNS = ["epoch", "stage", "lr", "lr_head", "loss", "dice", "ce", "margin", "val_dice", "seconds"]
 
@@ -96,27 +100,27 @@ class Run:
     # --- the files -----------------------------------------------------------------------
     @property
     def config_file(self) -> Path:
-        return self.path / "config.json"
+        return self.path / CONFIG_FILE
 
     @property
     def model_file(self) -> Path:
-        return self.path / "model.pt"
+        return self.path / MODEL_FILE
 
     @property
     def localiser_file(self) -> Path:
-        return self.path / "localiser.pt"
+        return self.path / LOCALISER_FILE
 
     @property
     def checkpoint_file(self) -> Path:
-        return self.path / "checkpoint.pt"
+        return self.path / CHECKPOINT_FILE
 
     @property
     def log_file(self) -> Path:
-        return self.path / "log.csv"
+        return self.path / LOG_FILE
 
     @property
     def curves_file(self) -> Path:
-        return self.path / "curves.png"
+        return self.path / CURVES_FILE
 
     # --- create and open -----------------------------------------------------------------
     @classmethod
@@ -133,7 +137,7 @@ class Run:
         path = Path(path)
         if not path.is_dir():
             raise SatsError(f"{path}: no such RUN folder")
-        return cls(path, read_config(path / "config.json"))
+        return cls(path, read_config(path / CONFIG_FILE))
 
     # --- the model -----------------------------------------------------------------------
     def build_model(self) -> SATsNet:
@@ -152,7 +156,7 @@ class Run:
 
     def load_weights(self, model: SATsNet, path: Path) -> dict:
         """Load ``path`` (model.pt or checkpoint.pt) into ``model``; returns the whole file."""
-        state = _load(path)
+        state = load_state(path)
         try:
             model.load_state_dict(state["model"])
         except (KeyError, RuntimeError):
@@ -160,13 +164,13 @@ class Run:
         return state
 
     def save_model(self, model: SATsNet) -> Path:
-        _save(self.model_file, {"format": RUN_FORMAT, "model": model.state_dict()})
+        save_state(self.model_file, {"format": RUN_FORMAT, "model": model.state_dict()})
         return self.model_file
 
     # --- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> Path:
         """Write ``checkpoint.pt``: ``state`` holds epoch, stage, model, optimizer, history, torch_rng."""
-        _save(self.checkpoint_file, {"format": RUN_FORMAT, **state})
+        save_state(self.checkpoint_file, {"format": RUN_FORMAT, **state})
         return self.checkpoint_file
 
     def load_checkpoint(self, model: SATsNet) -> dict:
@@ -273,12 +277,15 @@ def read_config(path: Path) -> RunConfig:
         raise SatsError(f"{path}: incomplete or damaged run configuration ({type(exc).__name__}: {exc})") from None
 
 
-def _save(path: Path, obj: dict) -> None:
+def save_state(path: Path, obj: dict) -> None:
+    """Write a weights file (a dict of tensors and plain values) atomically with ``torch.save``."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
-def _load(path: Path) -> dict:
+def load_state(path: Path) -> dict:
+    """Read a weights file written by :func:`save_state`: ``weights_only=True`` (never unpickles
+    code), on the CPU, its format checked; one SatsError naming the file for anything wrong."""
     if not path.exists():
         raise SatsError(f"{path}: no such file")
     try:

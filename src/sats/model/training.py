@@ -1,6 +1,6 @@
-"""Training SATs: the case cache, the patch stream, and the two-stage loop.
+"""Training SATs: the patch stream and the two-stage loop (the case cache is :mod:`sats.model.cache`).
 
-Read top to bottom: the case cache, the patch stream, one optimiser step
+Read top to bottom: the patch stream, one optimiser step
 (:func:`train_step`), then :func:`train`, a table of contents over named steps (set-up,
 cases, restore, epoch, end of epoch). Stage 1 trains the Siamese encoder-decoder with
 Dice + BCE, stage 2 adds the projection head and the margin loss; the ablations of the
@@ -13,13 +13,11 @@ rank 0 validates and writes files.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,22 +26,22 @@ import torch.distributed as dist
 from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
-from sats.model.config import TrainConfig, fit_to_data, preset
-from sats.data.dataset import check_dataset, list_cases, load_dataset_json
+from sats.data.dataset import check_dataset, load_dataset_json, split_folds
 from sats.evaluation.metrics import dice
+from sats.geometry.preprocessing import IntensityStats
+from sats.geometry.symmetry import mirror_lr
+from sats.geometry.volume import SatsError
 from sats.hardware import available_cores, cpu_has_native_bf16, keep_freed_memory
-from sats.predict.inference import sliding_window_probabilities
-from sats.data.io import SatsError, atomic_path, read_image, read_spacing, write_text_atomic
+from sats.model.cache import add_asymmetry_maps, median_spacing, prepare_cases, prepare_unlabelled, unlabelled_inputs, uses_asymmetry_maps
+from sats.model.config import TrainConfig, fit_to_data
 from sats.model.losses import SegmentationLoss, asymmetric_mask, margin_loss
 from sats.model.network import SATsNet, count_parameters, plan_network, to_preferred_layout
 from sats.model.patches import AugmentConfig, CaseArrays, sample_patch
-from sats.geometry.preprocessing import IntensityStats, foreground_samples, intensity_stats, preprocess
+from sats.model.run import Run, RunConfig, lock_folder
+from sats.predict.inference import sliding_window_probabilities
 from sats.progress import progress_bar
-from sats.model.run import RUN_FORMAT, Run, RunConfig, lock_folder
-from sats.geometry.symmetry import mirror_lr
-from sats.geometry.volume import about
 
-__all__ = ["TrainConfig", "TrainResult", "fit_to_data", "preset", "train", "train_step"]
+__all__ = ["TrainResult", "train", "train_step"]
 
 
 # --- distributed helpers ----------------------------------------------------------------
@@ -60,242 +58,6 @@ def _setup_distributed(device: torch.device) -> bool:
         return False
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return True
-
-
-# --- the case cache ---------------------------------------------------------------------
-
-
-def _fingerprint(path: Path) -> str:
-    """Path, size and modification time of a file, or of every file of a folder (a DICOM series)."""
-    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
-    return ";".join(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}" for f in files for st in [f.stat()])
-
-
-def _cache_key(files: list[Path], spacing, stats: IntensityStats, align: str) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"spacing": list(spacing), "stats": stats.to_dict(), "align": align, "v": RUN_FORMAT}).encode())
-    for f in files:
-        h.update(_fingerprint(f).encode())
-    return h.hexdigest()[:16]
-
-
-def alignment_mode(cfg: TrainConfig) -> str:
-    return "none" if not cfg.align else (f"atlas:{Path(cfg.atlas).resolve()}" if cfg.atlas else "self")
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, array)
-
-
-def prepare_cases(dataset: Path, cache: Path, cfg: TrainConfig, console: Console | None, rank: int = 0) -> tuple[list[CaseArrays], IntensityStats, tuple]:
-    """Preprocess every training case once (align, resample, crop to the body, normalise)
-    and cache the arrays as .npy under ``cache``; later runs reuse them.
-
-    ``meta.json`` is written last and names a key over the inputs and settings, so a cache
-    left half-written by a killed run is simply rebuilt. A CT whose mid-sagittal plane is
-    unreliable (:class:`sats.geometry.alignment.UnreliablePlane`) is left out with a warning and
-    listed under ``left_out`` in ``meta.json``.
-    """
-    from sats.geometry.alignment import UnreliablePlane, estimate_plane
-
-    if cfg.spacing is None:
-        raise ValueError("prepare_cases needs cfg.spacing set (see fit_to_data)")
-    spacing = tuple(float(v) for v in cfg.spacing)
-    align = alignment_mode(cfg)
-    cases = training_cases(dataset)
-    meta_file = cache / "meta.json"
-    files = [c.image for c in cases] + [c.label for c in cases]  # type: ignore[misc]
-    if meta_file.exists():
-        meta = json.loads(meta_file.read_text())
-        stats = IntensityStats(**meta["stats"])
-        if meta.get("key") == _cache_key(files, spacing, stats, align) and meta.get("spacing") == list(spacing):
-            left_out = meta.get("left_out", {})
-            return _load_cache(cache, [c.case_id for c in cases if c.case_id not in left_out]), stats, spacing
-    if rank != 0:
-        raise SatsError("the training cache must be prepared by rank 0 first")
-    cache.mkdir(parents=True, exist_ok=True)
-    with progress_bar(console) as progress:
-        task = progress.add_task("reading", total=len(cases))
-        volumes, samples = [], []
-        for c in cases:
-            ct, lab = read_image(c.image), read_image(c.label)  # type: ignore[arg-type]
-            volumes.append((ct, lab))
-            samples.append(foreground_samples(ct, lab))
-            progress.advance(task)
-        stats = intensity_stats(samples)
-        task = progress.add_task("aligning and preprocessing" if cfg.align else "preprocessing", total=len(cases))
-        atlas = read_image(cfg.atlas) if cfg.align and cfg.atlas else None
-        planes, left_out = {}, {}
-        for c, (ct, lab) in zip(cases, volumes):
-            plane = None
-            with about(c.image):
-                if cfg.align:
-                    try:
-                        result = estimate_plane(ct, atlas)
-                    except UnreliablePlane as exc:
-                        # One CT that cannot be aligned must not stop a training of hundreds:
-                        # it is left out, said aloud and recorded in the cache's meta.json.
-                        left_out[c.case_id] = f"{c.image}: {exc}"
-                        progress.console.print(f"[yellow]left out of training:[/] {c.image}: {exc}", highlight=False)
-                        progress.advance(task)
-                        continue
-                    plane = result.plane
-                    planes[c.case_id] = result.to_dict()
-                pre = preprocess(ct, spacing, stats, label=lab, plane=plane)
-            _save_npy(cache / f"{c.case_id}_image.npy", pre.image)
-            _save_npy(cache / f"{c.case_id}_label.npy", pre.label)
-            progress.advance(task)
-    if len(left_out) == len(cases):
-        raise SatsError(f"{dataset}: no training CT could be aligned (first: {next(iter(left_out.values()))}); try --no-align")
-    write_text_atomic(meta_file, json.dumps({"key": _cache_key(files, spacing, stats, align), "spacing": list(spacing),
-                                             "stats": stats.to_dict(), "align": align, "planes": planes,
-                                             "left_out": left_out}, indent=2))
-    return _load_cache(cache, [c.case_id for c in cases if c.case_id not in left_out]), stats, spacing
-
-
-def training_cases(dataset: Path):
-    """The labelled training cases of a dataset (an error when there are none). imagesTr
-    entries without a label are unlabelled CTs (:func:`unlabelled_inputs`)."""
-    cases = list_cases(dataset, "Tr")
-    if not cases:
-        raise SatsError(f"{dataset}: no training cases in imagesTr")
-    labelled = [c for c in cases if c.label is not None]
-    if not labelled:
-        raise SatsError(f"{dataset}: no training case has a label in labelsTr (run `sats check {dataset}`)")
-    return labelled
-
-
-def unlabelled_inputs(dataset: Path, cfg: TrainConfig) -> list[tuple[str, Path]]:
-    """``(case_id, path)`` of the unlabelled CTs: imagesTr entries without a label, then the
-    images and DICOM series of ``cfg.unlabelled``."""
-    from sats.data.io import collect_inputs
-
-    cases = list_cases(dataset, "Tr")
-    items = [(c.case_id, c.image) for c in cases if c.label is None]
-    if cfg.unlabelled:
-        items += collect_inputs(Path(cfg.unlabelled))[0]
-    ids = [i for i, _ in items]
-    clash = sorted({i for i in ids if ids.count(i) > 1} | (set(ids) & {c.case_id for c in cases if c.label is not None}))
-    if clash:
-        raise SatsError(f"{cfg.unlabelled or dataset}: unlabelled case id {clash[0]} is also another case's id")
-    return items
-
-
-def uses_asymmetry_maps(cfg: TrainConfig) -> bool:
-    """Whether the labelled cases need m_unsup too: the margin loss takes its region from it
-    (unlabelled CTs always have theirs)."""
-    return cfg.margin_loss and cfg.asym_region == "unsupervised"
-
-
-def _asym_key(image: Path, spacing, align: str, extra: dict | None = None) -> str:
-    from sats.geometry.asymmetry import AsymmetryConfig
-
-    h = hashlib.sha256(json.dumps({"file": _fingerprint(Path(image)), "spacing": list(spacing), "align": align,
-                                   "asym": AsymmetryConfig().to_dict(), **(extra or {})}, sort_keys=True).encode())
-    return h.hexdigest()[:16]
-
-
-def _hu_on_grid(ct, spacing, plane_dict: dict | None):
-    """The CT in HU on its symmetric grid (the plane from the cache, or the grid's centre)."""
-    from sats.geometry.symmetry import Plane
-
-    return preprocess(ct, spacing, None, plane=Plane.from_dict(plane_dict) if plane_dict else None)
-
-
-def add_asymmetry_maps(dataset: Path, cache: Path, cases: list[CaseArrays], cfg: TrainConfig, console: Console | None) -> None:
-    """Give every labelled case its m_unsup (:mod:`sats.geometry.asymmetry`), computed once into the
-    cache as ``{case}_asym.npy`` (keyed by file, grid, alignment and settings) and reused."""
-    from sats.geometry.asymmetry import asymmetry_map
-
-    spacing = tuple(float(v) for v in cfg.spacing)  # type: ignore[union-attr]
-    meta = json.loads((cache / "meta.json").read_text())
-    keys_file = cache / "asym.json"
-    keys = json.loads(keys_file.read_text()) if keys_file.exists() else {}
-    images = {c.case_id: c.image for c in training_cases(dataset)}
-    with progress_bar(console) as progress:
-        task = progress.add_task("asymmetry maps (registration to the mirror)", total=len(cases))
-        for case in cases:
-            key = _asym_key(images[case.case_id], spacing, meta.get("align", ""))
-            path = cache / f"{case.case_id}_asym.npy"
-            if keys.get(case.case_id) != key or not path.exists():
-                with about(images[case.case_id]):
-                    pre = _hu_on_grid(read_image(images[case.case_id]), spacing, meta.get("planes", {}).get(case.case_id))
-                    _save_npy(path, asymmetry_map(pre).mask)
-                keys[case.case_id] = key
-                write_text_atomic(keys_file, json.dumps(keys, indent=1))
-            case.asym = np.load(path, allow_pickle=False)
-            progress.advance(task)
-
-
-def prepare_unlabelled(items: list[tuple[str, Path]], cache: Path, cfg: TrainConfig, stats: IntensityStats,
-                       console: Console | None) -> list[CaseArrays]:
-    """Preprocess the unlabelled CTs (align, resample, normalise with the labelled cases'
-    statistics) and compute their m_unsup, once, into ``cache``; a CT that cannot be
-    aligned or read is left out with a warning. Resumable case by case."""
-    from sats.geometry.alignment import estimate_plane
-    from sats.geometry.asymmetry import asymmetry_map
-    from sats.data.dataset import check_ct
-
-    spacing = tuple(float(v) for v in cfg.spacing)  # type: ignore[union-attr]
-    align = alignment_mode(cfg)
-    cache.mkdir(parents=True, exist_ok=True)
-    keys_file = cache / "unlabelled.json"
-    keys = json.loads(keys_file.read_text()) if keys_file.exists() else {}
-    out = []
-    with progress_bar(console) as progress:
-        task = progress.add_task("unlabelled CTs (align, preprocess, asymmetry)", total=len(items))
-        for cid, path in items:
-            key = _asym_key(path, spacing, align, {"stats": stats.to_dict()})
-            image_file, asym_file = cache / f"{cid}_image.npy", cache / f"{cid}_asym.npy"
-            if keys.get(cid) != key or not (image_file.exists() and asym_file.exists()):
-                try:
-                    with about(path):
-                        ct = read_image(path)
-                        check_ct(ct, str(path))
-                        plane = estimate_plane(ct).plane if cfg.align else None
-                        pre = preprocess(ct, spacing, None, plane=plane)  # in HU: stats=None
-                        _save_npy(image_file, stats.normalise(pre.image).astype(np.float32))
-                        _save_npy(asym_file, asymmetry_map(pre).mask)
-                except SatsError as exc:  # unreadable, not CT, or no reliable plane
-                    progress.console.print(f"[yellow]unlabelled CT left out:[/] {exc}", highlight=False)
-                    progress.advance(task)
-                    continue
-                keys[cid] = key
-                write_text_atomic(keys_file, json.dumps(keys, indent=1))
-            image = np.load(image_file, mmap_mode="r", allow_pickle=False)
-            asym = np.load(asym_file, allow_pickle=False)
-            out.append(CaseArrays(cid, image, np.zeros(asym.shape, np.uint8), np.argwhere(asym > 0), asym, labelled=False))
-            progress.advance(task)
-    return out
-
-
-def median_spacing(dataset: Path) -> tuple[float, float, float]:
-    """Median voxel spacing (z, y, x) mm of the training images (read from the headers)."""
-    spacings = [read_spacing(c.image) for c in training_cases(dataset)]
-    return tuple(float(v) for v in np.median(np.array(spacings), axis=0))  # type: ignore[return-value]
-
-
-def _load_cache(cache: Path, ids: list[str]) -> list[CaseArrays]:
-    out = []
-    for cid in ids:
-        image = np.load(cache / f"{cid}_image.npy", mmap_mode="r", allow_pickle=False)
-        label = np.load(cache / f"{cid}_label.npy", allow_pickle=False)
-        out.append(CaseArrays(cid, image, label, np.argwhere(label > 0)))
-    return out
-
-
-def split_folds(ids: list[str], folds: int, fold: int | str, seed: int = 12345) -> tuple[list[str], list[str]]:
-    """Train/validation ids for ``fold`` of a ``folds``-fold split by case id (fixed seed)."""
-    if fold == "all":
-        return sorted(ids), []
-    fold = int(fold)
-    if not 0 <= fold < folds:
-        raise SatsError(f"fold {fold} out of range 0..{folds - 1}")
-    order = sorted(ids)
-    np.random.default_rng(seed).shuffle(order)
-    val = sorted(order[fold::folds])
-    return sorted(set(ids) - set(val)), val
 
 
 # --- the patch stream -------------------------------------------------------------------
@@ -536,7 +298,7 @@ def train(
         if resume:
             cfg = resumed_config(out)
         check_stage(cfg, stage)
-        cases = load_cases(dataset, out, cfg, cache, env, fit=not resume)
+        cases, cfg = load_cases(dataset, out, cfg, cache, env, fit=not resume)
         run, model = start_run(dataset, out, cfg, cases, env)
         state = restore(run, model, stage, resume)
         final = stage_span(cfg, stage)[1]
@@ -598,15 +360,18 @@ def stage_span(cfg: TrainConfig, stage: str) -> tuple[int, int]:
     return {"1": (0, cfg.stage1_epochs), "2": (cfg.stage1_epochs, cfg.total_epochs), "all": (0, cfg.total_epochs)}[stage]
 
 
-def load_cases(dataset: Path, out: Path, cfg: TrainConfig, cache: Path | None, env: Setup, fit: bool) -> Cases:
-    """Check the dataset, fit the grid to its spacing (``fit``), preprocess or read the
-    cache (rank 0 first), and split into training and validation cases."""
+def load_cases(dataset: Path, out: Path, cfg: TrainConfig, cache: Path | None, env: Setup,
+               fit: bool) -> tuple[Cases, TrainConfig]:
+    """Check the dataset, fit the grid to its spacing (``fit``: a copy of ``cfg`` with the
+    fitted spacing and patch size is returned), preprocess or read the cache (rank 0 first),
+    and split into training and validation cases."""
     if env.rank == 0:
         report = check_dataset(dataset)
         if report.problems:
             raise SatsError(f"{dataset}: fails `sats check` ({len(report.problems)} problem(s)); first: {report.problems[0]}")
     if fit:
-        cfg.spacing, cfg.patch_size = fit_to_data(cfg, median_spacing(dataset))
+        spacing, patch = fit_to_data(cfg, median_spacing(dataset))
+        cfg = replace(cfg, spacing=spacing, patch_size=patch)
     cache = Path(cache) if cache else out / "cache"
     if env.rank == 0:
         arrays, stats, spacing = prepare_cases(dataset, cache, cfg, env.say)
@@ -640,7 +405,7 @@ def load_cases(dataset: Path, out: Path, cfg: TrainConfig, cache: Path | None, e
         raise SatsError(f"{dataset}: the training split is empty")
     if sum(len(c.fg) for c in cases.train) == 0:
         raise SatsError(f"{dataset}: every training label is empty")
-    return cases
+    return cases, cfg
 
 
 def start_run(dataset: Path, out: Path, cfg: TrainConfig, cases: Cases, env: Setup) -> tuple[Run, SATsNet]:

@@ -41,7 +41,8 @@ from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_
 
 from sats import __version__
 from sats.data.dicom import DicomSlice, choose_ct_series, sort_slices, truncated_element
-from sats.data.io import SatsError, Volume, atomic_path
+from sats.data.io import atomic_path
+from sats.geometry.volume import SatsError, Volume
 
 #: Default ROI / segment name: primary gross tumour volume.
 DEFAULT_ROI_NAME = "GTVp"

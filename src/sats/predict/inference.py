@@ -26,19 +26,20 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from sats.model.config import Precision, RoiMode, validate_options
 from sats.data.dataset import check_ct
-from sats.hardware import cpu_has_native_bf16
-from sats.data.io import SatsError, Volume, collect_inputs, read_image
-from sats.model.network import SATsNet
-from sats.geometry.preprocessing import IntensityStats, Preprocessed, keep_largest_component, preprocess, resample_to
-from sats.predict.roi import Localiser, Roi, find_roi, load_localiser, whole_roi
-from sats.model.run import Run, RunConfig
+from sats.data.io import collect_inputs, read_image
+from sats.geometry.grid import Roi, keep_largest_component, resample_to, whole_roi
+from sats.geometry.preprocessing import IntensityStats, PlaneSettings, Preprocessed, Preprocessor
 from sats.geometry.symmetry import mirror_lr
-from sats.geometry.volume import about
+from sats.geometry.volume import SatsError, Volume, about, validate_options
+from sats.hardware import cpu_has_native_bf16
+from sats.model.config import Precision, RoiMode
+from sats.model.network import SATsNet
+from sats.model.run import Run, RunConfig
+from sats.predict.roi import Localiser, find_roi, load_localiser
 
-__all__ = ["LoadedRun", "PredictOptions", "Prediction", "check_ct", "collect_inputs", "keep_largest_component", "load_run", "predict_case", "predict_paths",
-           "sliding_window_probabilities"]
+__all__ = ["CaseInput", "LoadedRun", "PredictOptions", "Prediction", "load_run", "predict_case", "predict_file", "predict_paths",
+           "prepare_input", "sliding_window_probabilities"]
 
 #: ``sats predict --format`` values: NIfTI (or other image) masks, or DICOM objects that
 #: reference the input CT series.
@@ -194,6 +195,13 @@ class LoadedRun:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """The run's preprocessing: its alignment (self, atlas or none; an unreliable plane is
+        refused), spacing and normalisation, on the model's device."""
+        train = self.config.train
+        return Preprocessor(self.spacing, self.stats, PlaneSettings.of(train.align, train.atlas), str(self.device))
+
 
 def load_run(run: Path, device: torch.device | str = "cpu") -> LoadedRun:
     """Load a RUN folder's configuration and ``model.pt`` (weights only, never pickles)."""
@@ -220,22 +228,6 @@ def count_windows(shape: tuple[int, ...], patch_size: tuple[int, ...], overlap: 
     return n
 
 
-def preprocess_for(run: LoadedRun, ct: Volume) -> Preprocessed:
-    """The training run's preprocessing: its alignment mode, spacing and normalisation."""
-    from sats.geometry.alignment import estimate_plane
-
-    train = run.config.train
-    plane = None
-    if train.align:
-        atlas = None
-        if train.atlas:
-            if not Path(train.atlas).exists():
-                raise SatsError(f"the model was trained with the atlas {train.atlas}, which is missing")
-            atlas = read_image(train.atlas)
-        plane = estimate_plane(ct, atlas, device=run.device).plane
-    # On a GPU the CT is resampled there too; on the CPU SimpleITK's threads are faster.
-    return preprocess(ct, run.spacing, run.stats, plane=plane, device=str(run.device) if run.device.type == "cuda" else None)
-
 
 def predict_case(
     run: LoadedRun,
@@ -258,7 +250,7 @@ def predict_case(
     opt = replace(options or PredictOptions(), **overrides)
     if opt.asymmetry_map and not run.has_head:
         raise SatsError("--asymmetry-map needs a model trained with the projection head")
-    pre = pre or preprocess_for(run, ct)
+    pre = pre or run.preprocessor(ct)
     roi = region or roi_for(run, ct, pre, opt)
     model = run.model
     prob, asym = sliding_window_probabilities(
@@ -381,23 +373,21 @@ def predict_paths(
         except OSError as exc:
             raise SatsError(f"{output}: cannot create output folder ({exc.strerror})") from None
 
-    def load(item: tuple[str, Path]) -> tuple[Volume, Preprocessed, Roi]:
+    def load(item: tuple[str, Path]) -> CaseInput:
         with about(item[1]):
-            ct, pre = read_and_preprocess(run, item[1], opt)
-            return ct, pre, roi_for(run, ct, pre, opt)
+            return prepare_input(run, item[1], opt)
 
     done = failed = 0
     with progress_bar(console) as progress:
         task = progress.add_task("cases", total=len(items))
         for (cid, path), future in prefetch(items, load):
             try:
-                with about(path):
-                    ct, pre, roi = future.result()
-                    windows = progress.add_task(f"  {cid}", total=count_windows(roi.shape, run.patch_size, opt.overlap))
-                    pred = predict_case(run, ct, pre, opt, on_window=lambda: progress.advance(windows), region=roi)
-                    progress.remove_task(windows)
                 paths = output_paths(output, cid, single, opt.fmt)
-                note = write_outputs(pred, path, paths, cid, opt)
+                with about(path):
+                    inp = future.result()
+                    windows = progress.add_task(f"  {cid}", total=count_windows(inp.roi.shape, run.patch_size, opt.overlap))
+                    pred, note = predict_file(run, path, paths, cid, opt, inp, on_window=lambda: progress.advance(windows))
+                    progress.remove_task(windows)
                 done += 1
                 ml = float(pred.mask.array.sum()) * pred.mask.voxel_volume_ml
                 progress.console.print(f"{cid}: {ml:.1f} ml GTV, {pred.seconds:.1f} s -> {paths['mask']}{note}")
@@ -423,8 +413,19 @@ def check_outputs(input_path: Path, output: Path, items: list[tuple[str, Path]],
         raise SatsError(f"{output}: output for one input must be an image file (.nii.gz, .nii, .nrrd, .mha) or a folder")
 
 
-def read_and_preprocess(run: LoadedRun, path: Path, opt: PredictOptions) -> tuple[Volume, Preprocessed]:
-    """Read one input (image file or DICOM series folder), check it is CT, preprocess it."""
+@dataclass
+class CaseInput:
+    """One input read and made ready: the CT (HU, its own grid), the case on the run's
+    symmetric grid, and the ROI the network will run over."""
+
+    ct: Volume
+    pre: Preprocessed
+    roi: Roi
+
+
+def prepare_input(run: LoadedRun, path: Path, opt: PredictOptions) -> CaseInput:
+    """Read one input (image file or DICOM series folder), check it is CT, preprocess it
+    (:attr:`LoadedRun.preprocessor`) and find its ROI."""
     if opt.fmt != "nifti" and not path.is_dir():
         raise SatsError(f"--format {opt.fmt} needs a DICOM CT series folder as input (the output references its slices)")
     if path.is_dir():
@@ -434,7 +435,18 @@ def read_and_preprocess(run: LoadedRun, path: Path, opt: PredictOptions) -> tupl
     else:
         ct = read_image(path)
     check_ct(ct, str(path))
-    return ct, preprocess_for(run, ct)
+    pre = run.preprocessor(ct)
+    return CaseInput(ct, pre, roi_for(run, ct, pre, opt))
+
+
+def predict_file(run: LoadedRun, path: Path, paths: dict[str, Path], name: str, opt: PredictOptions,
+                 prepared: CaseInput | None = None, on_window: Callable[[], None] | None = None) -> tuple[Prediction, str]:
+    """One input, end to end: :func:`prepare_input` (unless ``prepared``), :func:`predict_case`
+    and :func:`write_outputs` to ``paths`` (:func:`output_paths`). The steps ``sats predict``
+    and ``sats serve`` share. Returns the prediction and a note for the log."""
+    inp = prepared or prepare_input(run, path, opt)
+    pred = predict_case(run, inp.ct, inp.pre, opt, on_window=on_window, region=inp.roi)
+    return pred, write_outputs(pred, path, paths, name, opt)
 
 
 def write_outputs(pred: Prediction, source: Path, paths: dict[str, Path], name: str, opt: PredictOptions) -> str:

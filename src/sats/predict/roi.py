@@ -14,10 +14,10 @@ Sources, tried in order (:func:`find_roi`):
    ``sats train`` (:func:`fit_localiser`). Its strongest region (:func:`localiser_box`)
    must hold at most :data:`LOCALISER_MAX_ML` and, widened by :data:`LOCALISER_MARGIN_MM`,
    fit in :data:`MAX_ROI_MM`; otherwise it is implausible and the next source is used.
-2. ``landmarks``: the nasopharyngeal lumen found after alignment
-   (:func:`sats.data.lesion.find_nasopharynx`), widened by :data:`NPC_MARGIN_MM`.
-3. ``body-top``: when no nasopharynx is found, a box of :data:`BODY_TOP_MM` on the
-   midline at the top of the body.
+2. ``landmarks``: the nasopharyngeal lumen found after alignment, widened
+   (:func:`sats.geometry.landmarks.landmark_box`).
+3. ``body-top``: when no nasopharynx is found, a box on the midline at the top of the
+   body (the same function).
 
 The ROI is never empty and never the whole body; every source is widened to at least one
 patch where the image allows it.
@@ -25,7 +25,6 @@ patch where the image allows it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +33,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from sats.data.io import SatsError, Volume
+from sats.geometry.grid import Roi, box_to_roi, whole_roi
+from sats.geometry.landmarks import landmark_box
 from sats.geometry.preprocessing import Preprocessed
+from sats.geometry.volume import SatsError, Volume
+from sats.model.run import load_state, save_state
 
 __all__ = ["LOCALISER_SPACING_MM", "Localiser", "Roi", "find_roi", "fit_localiser", "load_localiser", "whole_roi"]
 
@@ -44,10 +46,6 @@ LOCALISER_SPACING_MM = 6.0
 #: Margin around the localiser's region, (z, y, x) mm: more than a 6 mm voxel's
 #: uncertainty plus a GTV's partial-volume rim.
 LOCALISER_MARGIN_MM = (32.0, 32.0, 32.0)
-#: Margin around the nasopharyngeal lumen for the landmark ROI, (z, y, x) mm: an NPC GTV
-#: grows from the lumen's walls into the parapharyngeal space, the skull base and down
-#: the posterior wall; 60 ml is about 50 mm across.
-NPC_MARGIN_MM = (45.0, 45.0, 50.0)
 #: The largest ROI, (z, y, x) mm: a localiser region bigger than this is not a GTV.
 MAX_ROI_MM = (240.0, 240.0, 240.0)
 #: A localiser region holding more than this is not a GTV (the head alone is about 4 l).
@@ -56,61 +54,7 @@ LOCALISER_MAX_ML = 1000.0
 LOCALISER_MIN_P = 0.05
 #: The localiser region: voxels at or above this fraction of its maximum probability.
 RELATIVE = 0.5
-#: The last fallback, (z, y, x) mm: the top ``z`` of the body (the nasopharynx lies 60-120
-#: mm below the vertex, nearer the top in scans cut through the head), ``y`` about the
-#: head's centre, ``x`` about the midline.
-BODY_TOP_MM = (150.0, 160.0, 140.0)
 LOCALISER_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class Roi:
-    """A box on the symmetric grid: ``start`` inclusive, ``stop`` exclusive, (z, y, x)
-    voxels; ``source`` says which rule found it (see the module docstring)."""
-
-    start: tuple[int, int, int]
-    stop: tuple[int, int, int]
-    source: str
-
-    @property
-    def slices(self) -> tuple[slice, slice, slice]:
-        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(b - a for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
-
-    def miss_fraction(self, label: np.ndarray) -> float:
-        """The fraction of the label's voxels (same grid) outside the ROI; 0 for an empty label."""
-        total = int(np.count_nonzero(label))
-        return 0.0 if total == 0 else 1.0 - int(np.count_nonzero(label[self.slices])) / total
-
-
-def whole_roi(shape: tuple[int, int, int]) -> Roi:
-    """The whole grid (``--roi whole``)."""
-    return Roi((0, 0, 0), tuple(int(s) for s in shape), "whole")  # type: ignore[arg-type]
-
-
-def _span(lo: float, hi: float, n: int, min_len: int) -> tuple[int, int]:
-    """[lo, hi) clipped to [0, n), grown about its centre to at least ``min(min_len, n)``."""
-    length = max(int(min(np.ceil(hi), n) - max(np.floor(lo), 0)), min(min_len, n))
-    a = int(round(float(np.clip((lo + hi) / 2, 0, n)) - length / 2))
-    a = min(max(a, 0), n - length)
-    return a, a + length
-
-
-def box_to_roi(lo_mm: np.ndarray, hi_mm: np.ndarray, grid: Volume, patch: tuple[int, int, int], source: str) -> Roi:
-    """A box in grid mm from voxel [0, 0, 0], (z, y, x), as a :class:`Roi`: clipped to the
-    grid, at least ``patch`` where the grid allows, and symmetric about the central x plane
-    (x is the left-right axis; the symmetric grid's x size is even)."""
-    spacing = np.array(grid.spacing)
-    lo, hi = np.asarray(lo_mm) / spacing, np.asarray(hi_mm) / spacing + 1
-    (z0, z1), (y0, y1) = (_span(lo[a], hi[a], grid.shape[a], patch[a]) for a in (0, 1))
-    nx = grid.shape[2]
-    half = max(nx / 2 - lo[2], hi[2] - nx / 2, min(patch[2], nx) / 2)
-    half = int(min(np.ceil(half), nx // 2)) if nx > 1 else 1
-    x0, x1 = (nx // 2 - half, nx // 2 + half) if nx > 1 else (0, 1)
-    return Roi((z0, y0, x0), (z1, y1, x1), source)
 
 
 # --- 1. the localiser ---------------------------------------------------------------------
@@ -207,18 +151,14 @@ def fit_localiser(cases: list, spacing: tuple[float, float, float], seed: int = 
 
 
 def save_localiser(model: Localiser, path: Path) -> None:
-    from sats.model.run import _save
-
-    _save(path, {"format": LOCALISER_FORMAT, "channels": list(model.channels), "model": model.state_dict()})
+    save_state(path, {"format": LOCALISER_FORMAT, "channels": list(model.channels), "model": model.state_dict()})
 
 
 def load_localiser(path: Path, device: torch.device | str = "cpu") -> Localiser | None:
     """The localiser in ``path`` (weights only), or None when there is none."""
-    from sats.model.run import _load
-
     if not Path(path).exists():
         return None
-    state = _load(path)
+    state = load_state(path)
     try:
         model = Localiser(tuple(state["channels"]))
         model.load_state_dict(state["model"])
@@ -248,47 +188,7 @@ def localiser_box(model: Localiser, image: np.ndarray, spacing: tuple[float, flo
     return idx.min(axis=0) * step, (idx.max(axis=0) + 1) * step
 
 
-# --- 2-3. landmarks ---------------------------------------------------------------------------
-
-
-def landmark_box(ct: Volume, pre: Preprocessed) -> tuple[np.ndarray, np.ndarray, str]:
-    """(lo, hi, source) in grid mm: around the nasopharyngeal lumen, or the top of the body."""
-    from sats.data.lesion import WORK_SPACING, SkipBackground, find_nasopharynx
-    from sats.geometry.preprocessing import resample_to
-
-    # The CT in its head frame at WORK_SPACING over the symmetric grid's extent (same axes,
-    # x = 0 on the plane): the frame find_nasopharynx reads.
-    grid = pre.grid
-    extent = (np.array(grid.shape) - 1) * np.array(grid.spacing)  # (z, y, x) mm
-    n = (extent / np.array(WORK_SPACING)).astype(int) + 1
-    n[2] += n[2] % 2
-    start = np.array([0.0, 0.0, (extent[2] - (n[2] - 1) * WORK_SPACING[2]) / 2])  # centred in x: symmetric
-    origin = grid.index_to_physical(start / np.array(grid.spacing))
-    frame = Volume(np.zeros(tuple(n), np.uint8), WORK_SPACING, tuple(origin), grid.direction)
-    head_origin_q = grid.direction.T @ (np.asarray(origin) - pre.plane.point)
-    head = Volume(resample_to(ct, frame, order=1, default=-1024.0).array, WORK_SPACING, tuple(head_origin_q), np.eye(3))
-    # Head-frame mm (x, y, z) -> grid mm (z, y, x) from the symmetric grid's voxel [0, 0, 0].
-    grid_origin_q = grid.direction.T @ (np.asarray(grid.origin) - pre.plane.point)
-
-    def to_grid(q: np.ndarray) -> np.ndarray:
-        return (np.asarray(q, float) - grid_origin_q)[::-1]
-
-    try:
-        npx = find_nasopharynx(head)
-        lo, hi = to_grid(npx.lumen.min(axis=0)), to_grid(npx.lumen.max(axis=0))
-        return lo - np.array(NPC_MARGIN_MM), hi + np.array(NPC_MARGIN_MM), "landmarks"
-    except SkipBackground:
-        pass
-    body = head.array > -500
-    if not body.any():
-        raise SatsError("no body found (no voxels above -500 HU): is this a CT in HU?")
-    sz, sy, sx = head.spacing
-    top = int(np.nonzero(body.any(axis=(1, 2)))[0].max())
-    z0 = max(0, top - int(BODY_TOP_MM[0] / sz))
-    ys = np.nonzero(body[z0: top + 1].any(axis=(0, 2)))[0]
-    centre_q = np.array([0.0, head.origin[1] + (ys.min() + ys.max()) / 2 * sy, head.origin[2] + top * sz - BODY_TOP_MM[0] / 2])
-    half = np.array(BODY_TOP_MM[::-1]) / 2
-    return to_grid(centre_q - half), to_grid(centre_q + half), "body-top"
+# --- the ROI of a case -------------------------------------------------------------------------
 
 
 def find_roi(ct: Volume, pre: Preprocessed, patch_size: tuple[int, int, int], localiser: Localiser | None) -> Roi:
@@ -307,5 +207,5 @@ def find_roi(ct: Volume, pre: Preprocessed, patch_size: tuple[int, int, int], lo
             lo, hi = box[0] - np.array(LOCALISER_MARGIN_MM), box[1] + np.array(LOCALISER_MARGIN_MM)
             if np.all(hi - lo <= np.array(MAX_ROI_MM)):
                 return box_to_roi(lo, hi, pre.grid, patch_size, "localiser")
-    lo, hi, source = landmark_box(ct, pre)
+    lo, hi, source = landmark_box(ct, pre.grid, pre.plane)
     return box_to_roi(lo, hi, pre.grid, patch_size, source)

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from sats.data.io import SatsError, atomic_path
+from sats.data.io import atomic_path
+from sats.geometry.volume import SatsError
 
 log = logging.getLogger("sats.predict.serve")
 
@@ -294,19 +295,16 @@ class Node:
 
     # The same path as `sats predict --format rtstruct|seg` on one series folder.
     def predict_series(self, study: str, series: str) -> Path:
-        from sats.predict.inference import output_paths, predict_case, read_and_preprocess, roi_for, write_outputs
+        from sats.predict.inference import output_paths, predict_file
 
         folder = self.store / "incoming" / study / series
         out_dir = self.store / "outgoing" / study / series
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = output_paths(out_dir / ("RS.dcm" if self.opt.fmt == "rtstruct" else "SEG.dcm"), "GTV", True, self.opt.fmt)
         t0 = time.time()
-        ct, pre = read_and_preprocess(self.run, folder, self.predict_options)
-        roi = roi_for(self.run, ct, pre, self.predict_options)
-        pred = predict_case(self.run, ct, pre, self.predict_options, region=roi)
-        write_outputs(pred, folder, paths, "GTV", self.predict_options)
+        pred, _ = predict_file(self.run, folder, paths, "GTV", self.predict_options)
         ml = float(pred.mask.array.sum()) * pred.mask.voxel_volume_ml
-        log.info("series %s: %d slices read and predicted (%.1f ml GTV) in %.1f s -> %s", series, ct.shape[0], ml,
+        log.info("series %s: %d slices read and predicted (%.1f ml GTV) in %.1f s -> %s", series, pred.mask.shape[0], ml,
                  time.time() - t0, paths["mask"].relative_to(self.store))
         return paths["mask"]
 
