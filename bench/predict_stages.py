@@ -51,7 +51,7 @@ def main() -> None:
         lap("to grid")
         roi = roi_for(run, ct, pre, opt)
         lap("roi")
-        prob, _ = sliding_window_probabilities(run.model.encoder_decoder, pre.image[roi.slices], run.patch_size,
+        prob, _ = sliding_window_probabilities(run.model, pre.image[roi.slices], run.patch_size,
                                                overlap=opt.overlap, device=device, precision=precision)
         lap("network")
         box = native_box(roi, pre.grid, ct)

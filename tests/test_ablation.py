@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -14,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import wilcoxon
 
-from sats.evaluation.ablation import BOOTSTRAP, AblationSettings, variant_config, write_outputs
+from sats.evaluation.ablation import METRICS, AblationSettings, variant_config, write_outputs
 from sats.geometry.volume import SatsError
 from sats.model.config import VARIANTS
 from sats.model.training import train
@@ -41,53 +41,150 @@ def _rows(seed: int = 0) -> list[dict]:
     return rows
 
 
-def _recompute(cases_csv: Path, variant: str, baseline: str, metric: str) -> dict:
-    """The documented statistics, from cases.csv alone, with scipy."""
-    with open(cases_csv) as fh:
-        rows = list(csv.DictReader(fh))
-    per: dict = {}
-    for r in rows:
-        per.setdefault(r["variant"], {}).setdefault(r["case"], []).append(float(r[metric]))
-    v = {c: np.mean(x) for c, x in per[variant].items()}
-    b = {c: np.mean(x) for c, x in per[baseline].items()}
-    d = np.array([v[c] - b[c] for c in sorted(v) if np.isfinite(v[c]) and np.isfinite(b[c])])
-    boot = d[np.random.default_rng(0).integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(axis=1)
-    return {"mean_diff": d.mean(), "ci_low": np.percentile(boot, 2.5), "ci_high": np.percentile(boot, 97.5),
-            "p_wilcoxon": wilcoxon(d).pvalue, "n": len(d)}
-
-
-def test_a_study_in_progress_pairs_only_seeds_every_variant_has_finished(tmp_path):
+def test_each_comparison_pairs_only_the_seeds_both_arms_have_finished(tmp_path):
     rows = [r for r in _rows() if not (r["variant"] != "unet" and r["seed"] == 1)]  # unet ahead by one seed
     settings = AblationSettings(dataset="x", variants=["unet", "siamese", "sats"], seeds=[0, 1])
     write_outputs(tmp_path, settings, rows)
     md = (tmp_path / "summary.md").read_text()
-    assert "unet-s1" in md and "| unet | 1 | 12 |" in md  # seed 1 of unet waits for the others
+    assert "| unet | 2 | 12 |" in md and "| sats | 1 | 12 |" in md  # each variant's own row uses every seed it has
     only_seed0 = [r for r in rows if r["seed"] == 0]
     (tmp_path / "ref").mkdir()
     write_outputs(tmp_path / "ref", settings, only_seed0)
+    # ... but sats against unet pairs seed 0 with seed 0 only: as if unet's seed 1 were not there.
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads((tmp_path / "ref" / "summary.json").read_text())
     assert len((tmp_path / "cases.csv").read_text().splitlines()) == len(rows) + 1  # every run stays in cases.csv
 
 
-def test_summary_equals_the_statistics_recomputed_from_cases_csv(tmp_path):
+def _designed_rows(rng: np.random.Generator, base: dict[str, np.ndarray], shifts: dict[str, dict[str, np.ndarray]],
+                   seeds: tuple[int, ...]) -> list[dict]:
+    """cases.csv rows whose per-case means over seeds are ``base[metric]`` (unet) and
+    ``base[metric] + shifts[variant][metric]``: the seeds of a case scatter around its mean
+    (seed noise that sums to zero over the seeds), and each variant lists its cases in an
+    order of its own. Every value has two decimals, well within what cases.csv keeps."""
+    n = len(base["dsc"])
+    rows = []
+    for variant in ("unet", *shifts):
+        means = {m: base[m] + (shifts[variant][m] if variant != "unet" else 0.0) for m in METRICS}
+        noise = {m: rng.integers(-300, 301, (n, len(seeds))) for m in METRICS}  # in hundredths
+        for m in METRICS:
+            noise[m][:, -1] = -noise[m][:, :-1].sum(axis=1)  # the seeds of a case average to its mean
+        for i in rng.permutation(n):
+            for k, s in enumerate(seeds):
+                rows.append({"variant": variant, "seed": s, "case": f"c{i:03d}",
+                             **{m: round(float(means[m][i] + noise[m][i, k] / 100), 2) for m in METRICS}})
+    return rows
+
+
+def _exact_bootstrap_interval(d: np.ndarray) -> tuple[float, float]:
+    """2.5 and 97.5 percentiles of the mean of n cases drawn with replacement from ``d``,
+    from the exact distribution: every multiset of n cases, weighted by its multinomial
+    probability (no random numbers)."""
+    n = len(d)
+    draws = np.array(list(itertools.combinations_with_replacement(range(n), n)))
+    counts = (draws[:, :, None] == np.arange(n)).sum(axis=1)  # how often each case was drawn
+    factorial = np.array([math.factorial(k) for k in range(n + 1)], float)
+    prob = math.factorial(n) / factorial[counts].prod(axis=1) / n**n
+    means = d[draws].mean(axis=1)
+    order = np.argsort(means)
+    means, cdf = means[order], np.cumsum(prob[order])
+    assert cdf[-1] == pytest.approx(1.0)
+    return float(means[np.searchsorted(cdf, 0.025)]), float(means[np.searchsorted(cdf, 0.975)])
+
+
+def _exact_wilcoxon_p(d: np.ndarray) -> float:
+    """Two-sided signed-rank p-value by enumerating all 2**n sign patterns (distinct |d|, no zeros)."""
+    n = len(d)
+    ranks = np.argsort(np.argsort(np.abs(d))) + 1
+    w_plus = ranks[d > 0].sum()
+    positive = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
+    w = positive @ ranks  # W+ of every sign pattern, each equally likely under the null
+    return min(1.0, 2 * min(np.mean(w >= w_plus), np.mean(w <= w_plus)))
+
+
+def _normal_wilcoxon_p(d: np.ndarray) -> float:
+    """Two-sided signed-rank p-value from the normal approximation (distinct |d|, no zeros)."""
+    n = len(d)
+    ranks = np.argsort(np.argsort(np.abs(d))) + 1
+    z = (ranks[d > 0].sum() - n * (n + 1) / 4) / math.sqrt(n * (n + 1) * (2 * n + 1) / 24)
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def _distinct_magnitudes(rng: np.random.Generator, n: int, top: int, positive: float) -> np.ndarray:
+    """n differences in hundredths with distinct non-zero magnitudes, ``positive`` of them > 0."""
+    magnitudes = rng.choice(np.arange(1, top + 1), size=n, replace=False) / 100
+    return np.where(rng.random(n) < positive, magnitudes, -magnitudes)
+
+
+def test_summary_pairs_cases_by_id_and_agrees_with_the_normal_approximation(tmp_path):
+    """Many cases: the 95 % bootstrap interval of a mean difference is close to mean ± 1.96
+    sd/sqrt(n); a difference that is the same for every case has a zero-width interval at
+    that value, which pairing by anything but the case id (each variant lists its cases in
+    its own order) would widen; the Wilcoxon p from the normal approximation."""
+    rng = np.random.default_rng(7)
+    n = 200
+    base = {"dsc": rng.integers(4000, 8000, n) / 100, "hd95": rng.integers(2000, 4000, n) / 100,
+            "asd": rng.integers(100, 400, n) / 100, "nsd": rng.integers(3000, 9000, n) / 100}
+    constant = {"dsc": 2.5, "hd95": -1.25, "nsd": 0.75, "asd": 0.0}
+    shifts = {"siamese": {m: np.full(n, c) for m, c in constant.items()},
+              "sats": {"dsc": _distinct_magnitudes(rng, n, 1500, 0.75), "hd95": rng.integers(-500, 300, n) / 100,
+                       "asd": np.zeros(n), "nsd": rng.integers(-800, 1200, n) / 100}}
+    rows = _designed_rows(rng, base, shifts, seeds=(0, 1))
+    empty = next(r for r in rows if r["variant"] == "siamese" and r["seed"] == 1 and r["case"] == "c003")
+    empty["hd95"] = math.inf  # an empty prediction: case c003 leaves the HD95 comparisons of siamese only
     settings = AblationSettings(dataset="x", variants=["unet", "siamese", "sats"], seeds=[0, 1])
-    write_outputs(tmp_path, settings, _rows())
+    write_outputs(tmp_path, settings, rows)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) == {"siamese", "sats", "unet"}
-    assert set(summary["sats"]) == {"unet", "siamese"} and set(summary["unet"]) == {"siamese"}
+    assert set(summary["sats"]) == {"unet", "siamese"} and set(summary["siamese"]) == {"unet"}
+    assert set(summary["unet"]) == {"siamese"}
+    keep = np.arange(n) != 3
+    for metric in ("dsc", "hd95", "nsd"):
+        for variant, baseline, sign in (("siamese", "unet", 1), ("unet", "siamese", -1)):
+            ours = summary[variant][baseline][metric]
+            assert ours["n"] == (n - 1 if metric == "hd95" else n)
+            for key in ("mean_diff", "ci_low", "ci_high"):
+                assert ours[key] == pytest.approx(sign * constant[metric], abs=1e-9), (variant, metric, key)
+        for baseline, d in (("unet", shifts["sats"][metric]), ("siamese", shifts["sats"][metric] - constant[metric])):
+            if metric == "hd95" and baseline == "siamese":
+                d = d[keep]
+            ours = summary["sats"][baseline][metric]
+            se = d.std() / math.sqrt(len(d))  # of the mean; the bootstrap's spread (ddof 0)
+            assert ours["n"] == len(d) and ours["mean_diff"] == pytest.approx(d.mean(), abs=1e-9), (baseline, metric)
+            assert ours["ci_low"] == pytest.approx(d.mean() - 1.96 * se, abs=0.2 * se), (baseline, metric)
+            assert ours["ci_high"] == pytest.approx(d.mean() + 1.96 * se, abs=0.2 * se), (baseline, metric)
+    d = shifts["sats"]["dsc"]
+    assert summary["sats"]["unet"]["dsc"]["p_wilcoxon"] == pytest.approx(_normal_wilcoxon_p(d), rel=1e-6)
     md = (tmp_path / "summary.md").read_text()
     for variant, baseline in (("sats", "unet"), ("sats", "siamese"), ("siamese", "unet")):
-        for metric in ("dsc", "hd95", "nsd"):
-            ours = summary[variant][baseline][metric]
-            ref = _recompute(tmp_path / "cases.csv", variant, baseline, metric)
-            assert ours["n"] == ref["n"]
-            for key in ("mean_diff", "ci_low", "ci_high", "p_wilcoxon"):
-                assert ours[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12), (variant, baseline, metric, key)
-        # The markdown table carries the same numbers.
         assert f"| {variant} | {summary[variant][baseline]['dsc']['mean_diff']:.2f} |" in md
-    # The empty prediction (infinite HD95 of one siamese seed) leaves that case out of HD95 only.
-    assert summary["siamese"]["unet"]["hd95"]["n"] == 11 and summary["siamese"]["unet"]["dsc"]["n"] == 12
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
+def test_summary_of_a_few_cases_agrees_with_exact_bootstrap_and_wilcoxon(tmp_path):
+    """Nine cases, three seeds: the bootstrap interval against the exact bootstrap
+    distribution (all multisets of cases) and the Wilcoxon p against an enumeration of all
+    sign patterns, for every comparison."""
+    rng = np.random.default_rng(3)
+    n = 9
+    base = {"dsc": rng.integers(4000, 8000, n) / 100, "hd95": rng.integers(2000, 4000, n) / 100,
+            "asd": rng.integers(100, 400, n) / 100, "nsd": rng.integers(3000, 9000, n) / 100}
+    shifts = {v: {m: _distinct_magnitudes(rng, n, 1000, positive) for m in METRICS}
+              for v, positive in (("siamese", 0.5), ("sats", 0.8))}
+    settings = AblationSettings(dataset="x", variants=["unet", "siamese", "sats"], seeds=[0, 1, 2])
+    write_outputs(tmp_path, settings, _designed_rows(rng, base, shifts, seeds=(0, 1, 2)))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for variant, baseline in (("sats", "unet"), ("sats", "siamese"), ("siamese", "unet")):
+        for metric in ("dsc", "hd95", "nsd"):
+            d = shifts[variant][metric] - (shifts[baseline][metric] if baseline != "unet" else 0.0)
+            d = d.round(2)  # the designed per-case differences, in hundredths
+            assert len(set(np.abs(d))) == n and np.all(d != 0), "the design needs distinct non-zero differences"
+            ours, where = summary[variant][baseline][metric], (variant, baseline, metric)
+            se = d.std() / math.sqrt(n)
+            low, high = _exact_bootstrap_interval(d)
+            assert ours["n"] == n and ours["mean_diff"] == pytest.approx(d.mean(), abs=1e-9), where
+            assert ours["ci_low"] == pytest.approx(low, abs=0.2 * se), where
+            assert ours["ci_high"] == pytest.approx(high, abs=0.2 * se), where
+            assert ours["p_wilcoxon"] == pytest.approx(_exact_wilcoxon_p(d), rel=1e-9), where
 
 
 def test_variants_are_the_table_3_rows_and_the_baselines():
@@ -95,7 +192,12 @@ def test_variants_are_the_table_3_rows_and_the_baselines():
     cfgs = {v: variant_config(s, v, seed=7) for v in VARIANTS}
     assert not cfgs["unet"].siamese and not cfgs["unet"].margin_loss
     assert cfgs["siamese"].siamese and not cfgs["siamese"].projection_head and not cfgs["siamese"].margin_loss
-    assert not cfgs["margin-no-head"].projection_head and cfgs["margin-no-head"].margin_loss
+    assert not cfgs["margin-no-head-2stage"].projection_head and cfgs["margin-no-head-2stage"].margin_loss
+    # One schedule (a single decay) for every arm but the paper's two-stage rows, which say so.
+    two_stage = {v for v, c in cfgs.items() if c.schedule == "two-stage"}
+    assert two_stage == {"sats", "sats-unsup", "sats-semi"} | {v for v in VARIANTS if v.endswith("-2stage")}
+    assert cfgs["fusion"].fusion == "mirror" and cfgs["fusion-reg"].fusion == "registered" and not cfgs["fusion"].siamese
+    assert cfgs["feature-fusion"].feature_fusion and cfgs["sats-joint-union"].asym_region == "union"
     assert cfgs["sats"].projection_head and cfgs["sats"].margin_loss and cfgs["sats"].schedule == "two-stage"
     assert cfgs["sats-joint"].schedule == "joint" and cfgs["sats-joint"].stage(0) == "joint"
     semi = AblationSettings(dataset="x", variants=["sats-semi-joint"], unlabelled="u")
@@ -120,7 +222,8 @@ def test_unet_and_joint_variants_train(tmp_path, variant):
     assert len(rows) == 2
     if variant == "unet":
         assert result.model.head is None or all(float(r["margin"]) == 0.0 for r in rows)
-        assert all(r["stage"] == "1" for r in rows)
+        assert all(r["stage"] == "joint" for r in rows)  # one schedule: a single decay over both epochs
+        assert float(rows[0]["lr"]) > float(rows[1]["lr"]) > 0.0
     else:  # the margin loss and the head from the first epoch, one stage
         assert all(r["stage"] == "joint" for r in rows)
         assert all(float(r["margin"]) > 0.0 and float(r["lr_head"]) > 0.0 for r in rows)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import OUTPUT_BIAS
 from test_training import make_tiny_dataset
 from typer.testing import CliRunner
 
@@ -523,27 +524,68 @@ def test_damaged_image_header_is_one_line_on_stderr(tmp_path) -> None:
 # --- 4. two processes on one folder --------------------------------------------------------------------
 
 
-def test_two_predicts_writing_one_folder_leave_complete_files(reference, tmp_path) -> None:
+def test_two_predicts_writing_one_folder_leave_complete_files(reference, make_predicting_run, tmp_path) -> None:
+    """Two `sats predict` runs whose models predict different masks write the same output
+    paths at once. Whenever a reader looks, and at the end, each file there is, byte for
+    byte, one run's complete file: never one truncated mid-write, never a mix of the two."""
     data, run = reference
     inputs = tmp_path / "in"
     inputs.mkdir()
     for f in sorted((data / "imagesTr").iterdir())[:3]:
         shutil.copy(f, inputs / f.name)
+    ct = read_image(sorted(inputs.iterdir())[0])
+    runs = [make_predicting_run(run, ct, tmp_path / "run0", fraction=0.01), tmp_path / "run1"]
+    shutil.copytree(runs[0], runs[1])  # the same network with a higher output bias: larger masks
+    state = weights(runs[1] / "model.pt")
+    (bias,) = [k for k in state["model"] if k.endswith(OUTPUT_BIAS)]
+    state["model"][bias] += 1.5
+    torch.save(state, runs[1] / "model.pt")
+
+    def args(model: Path, out: Path) -> list[str]:
+        return ["predict", "-i", str(inputs), "-o", str(out), "-m", str(model), "--save-probabilities", "--precision", "fp32"]
+
+    versions = []  # each run's complete files, written alone
+    for i, model in enumerate(runs):
+        result = invoke(args(model, tmp_path / f"alone{i}"))
+        assert result.exit_code == 0, result.output[-2000:]
+        versions.append({p.name: p.read_bytes() for p in (tmp_path / f"alone{i}").iterdir()})
+    names = sorted(versions[0])
+    assert sorted(versions[1]) == names and len(names) == 6
+    same = [n for n in names if versions[0][n] == versions[1][n]]
+    assert not same, f"the two runs write the same bytes to {same}: no test of atomic writes"
+
+    def check(folder: Path, final: bool) -> None:
+        for p in folder.iterdir():
+            if p.name.startswith("."):  # a writer's temporary file
+                continue
+            try:
+                got = p.read_bytes()
+            except FileNotFoundError:
+                continue
+            complete = [v[p.name] for v in versions if p.name in v]
+            assert any(got == c for c in complete), (f"{p.name} ({len(got)} bytes) is neither run's complete file "
+                                                     f"({' / '.join(str(len(c)) for c in complete)} bytes){' at the end' if final else ''}")
+
     out = tmp_path / "out"
-    cmd = [*SATS, "predict", "-i", str(inputs), "-o", str(out), "-m", str(run), "--save-probabilities"]
-    procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
-    single = tmp_path / "single"
-    result = invoke(["predict", "-i", str(inputs), "-o", str(single), "-m", str(run), "--save-probabilities"])
-    assert result.exit_code == 0, result.output[-2000:]
-    names = sorted(p.name for p in single.iterdir())
+    procs = []
+    for i, model in enumerate(runs):
+        with open(tmp_path / f"stderr{i}", "w") as err:
+            procs.append(subprocess.Popen([*SATS, *args(model, out)], env=ENV, stdout=subprocess.DEVNULL, stderr=err))
+    deadline = time.monotonic() + 300
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:  # a reader looking while both write
+            if out.is_dir():
+                check(out, final=False)
+            time.sleep(0.005)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=60)
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, (tmp_path / f"stderr{i}").read_text()[-2000:]
     assert sorted(p.name for p in out.iterdir()) == names, "temporary or missing files"
-    for name in names:
-        a, b = read_image(out / name), read_image(single / name)
-        np.testing.assert_array_equal(a.array, b.array, err_msg=name)
-        assert a.same_geometry(b, tol_mm=1e-6) is None
+    check(out, final=True)
 
 
 def test_second_training_on_a_busy_run_folder_is_refused(reference, tmp_path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -64,42 +65,51 @@ def _clear_thread_vars(monkeypatch):
         monkeypatch.delenv(var)
 
 
-def test_use_available_cores_sets_torch_sitk_and_the_environment(monkeypatch):
+@pytest.fixture
+def thread_counts():
+    """Sets torch's and SimpleITK's thread counts (``thread_counts(n)``) and restores the
+    original ones after the test."""
+    before = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+
+    def start_with(n: int) -> None:
+        torch.set_num_threads(n)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+        assert (torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()) == (n, n)
+
+    yield start_with
+    torch.set_num_threads(before[0])
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before[1])
+
+
+def test_use_available_cores_sets_torch_sitk_and_the_environment(monkeypatch, thread_counts):
     _clear_thread_vars(monkeypatch)
-    torch_threads, itk_threads = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    monkeypatch.setattr(hardware, "available_cores", lambda: 1)
-    try:
-        assert hardware.use_available_cores() == 1
-        assert torch.get_num_threads() == 1
-        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
-        assert all(os.environ[v] == "1" for v in THREAD_VARS)
-    finally:
-        torch.set_num_threads(torch_threads)
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
+    monkeypatch.setattr(hardware, "available_cores", lambda: 2)
+    thread_counts(5)  # more threads than cores: the call must bring both down
+    assert hardware.use_available_cores() == 2
+    assert torch.get_num_threads() == 2
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2
+    assert all(os.environ[v] == "2" for v in THREAD_VARS)
 
 
-def test_the_users_thread_count_wins(monkeypatch):
+def test_the_users_thread_count_wins(monkeypatch, thread_counts):
     _clear_thread_vars(monkeypatch)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     monkeypatch.setattr(hardware, "available_cores", lambda: 1)
-    before = torch.get_num_threads()
+    thread_counts(5)
     assert hardware.use_available_cores() == 3
-    assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == 5 and sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 5
     assert "MKL_NUM_THREADS" not in os.environ
 
 
-def test_every_command_starts_on_the_available_cores(monkeypatch, tmp_path):
+def test_every_command_starts_on_the_available_cores(monkeypatch, tmp_path, thread_counts):
     from typer.testing import CliRunner
 
     from sats.cli import app
 
     _clear_thread_vars(monkeypatch)
     monkeypatch.setattr(hardware, "available_cores", lambda: 1)
-    torch_threads, itk_threads = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    try:
-        result = CliRunner().invoke(app, ["evaluate", "--pred", str(tmp_path / "none"), "--gt", str(tmp_path / "none")])
-        assert result.exit_code == 1  # a missing folder: one line, after the start-up
-        assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(torch_threads)
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
+    thread_counts(3)
+    result = CliRunner().invoke(app, ["evaluate", "--pred", str(tmp_path / "none"), "--gt", str(tmp_path / "none")])
+    assert result.exit_code == 1  # a missing folder: one line, after the start-up
+    assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1

@@ -134,7 +134,7 @@ def test_prediction_over_a_roi_is_zero_outside_it(tiny_trained_run, make_predict
     outside[box] = False
     assert outside.any() and np.all(part[outside] == 0.0)
     assert np.any(whole[outside] > 0), "the whole-body map is not zero there: the ROI is what zeroes it"
-    prob, _ = sliding_window_probabilities(run.model.encoder_decoder, pre.image[roi.slices], run.patch_size, precision="fp32")
+    prob, _ = sliding_window_probabilities(run.model, pre.image[roi.slices], run.patch_size, precision="fp32")
     on_grid = np.zeros(pre.image.shape, np.float32)
     on_grid[roi.slices] = prob
     expected = resample_to(pre.grid.with_array(on_grid), ct, order=1, default=0.0).array

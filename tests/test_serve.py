@@ -7,6 +7,7 @@ storage SCU stands in for the PACS and a storage SCP for the planning system.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pynetdicom import AE, StoragePresentationContexts, evt  # a declared dependency: missing, it fails
+from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification
 
 from conftest import REPO
-
-pynetdicom = pytest.importorskip("pynetdicom")
-from pynetdicom import AE, StoragePresentationContexts, evt  # noqa: E402
-from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # noqa: E402
 
 
 def free_port() -> int:
@@ -38,6 +37,9 @@ class PlanningSystem:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.received: list[pydicom.Dataset] = []
+        # hold_next: the next C-STORE is kept (received) but its response waits until `release`
+        # is set; `arrived` says when it is in, so that a test can kill the sender meanwhile.
+        self.hold_next, self.arrived, self.release = False, threading.Event(), threading.Event()
         ae = AE(ae_title="TPS")
         ae.supported_contexts = StoragePresentationContexts
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
@@ -47,6 +49,10 @@ class PlanningSystem:
         ds = event.dataset
         ds.file_meta = event.file_meta
         self.received.append(ds)
+        if self.hold_next:
+            self.hold_next = False
+            self.arrived.set()
+            self.release.wait(120)
         return 0x0000
 
     def wait_for(self, n: int, timeout: float) -> list[pydicom.Dataset]:
@@ -56,18 +62,24 @@ class PlanningSystem:
         return self.received
 
     def stop(self) -> None:
+        self.release.set()
         self.server.shutdown()
 
 
 def send_series(files: list[Path], port: int, calling: str = "PACS") -> list[int]:
-    """C-STORE the files in one association; the status of each."""
+    """C-STORE the files in one association; the status of each (-1: no response, the
+    association was lost)."""
     ae = AE(ae_title=calling)
     for cx in (CTImageStorage, RTStructureSetStorage):
         ae.add_requested_context(cx)
     assoc = ae.associate("127.0.0.1", port, ae_title="SATS")
     assert assoc.is_established, "the node refused the association"
-    statuses = [int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in files]
-    assoc.release()
+    statuses = []
+    for f in files:
+        rsp = assoc.send_c_store(pydicom.dcmread(f)) if assoc.is_established else None
+        statuses.append(int(rsp.Status) if rsp is not None and "Status" in rsp else -1)
+    if assoc.is_established:
+        assoc.release()
     return statuses
 
 
@@ -140,6 +152,18 @@ def wait_state(store: Path, state: str, timeout: float, n: int = 1) -> list[dict
             return rows
         time.sleep(0.3)
     raise AssertionError(f"no job reached {state!r} in {timeout} s: {rows}")
+
+
+def wait_job(store: Path, series: str, state: str, timeout: float) -> dict:
+    """The job of ``series`` once it is in ``state``."""
+    deadline, row = time.time() + timeout, None
+    while time.time() < deadline:
+        rows = jobs(store) if (store / "queue.sqlite").exists() else []
+        row = next((r for r in rows if r["series_uid"] == series), None)
+        if row is not None and row["state"] == state:
+            return row
+        time.sleep(0.2)
+    raise AssertionError(f"series {series} did not reach {state!r} in {timeout} s: {row}")
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +248,13 @@ def test_a_destination_that_is_down_fails_the_job_until_retry(lung_dicom, lung_r
 def test_a_non_ct_or_corrupted_series_fails_with_its_reason_and_the_next_is_served(lung_dicom, lung_run, tmp_path):
     node = Node(lung_run, tmp_path / "store", "--format", "seg")  # and DICOM SEG instead of RTSTRUCT
     try:
+        rtstruct = pydicom.dcmread(lung_dicom / "rtstruct" / "1-1.dcm", stop_before_pixels=True)
         assert send_series([lung_dicom / "rtstruct" / "1-1.dcm"], node.port) == [0]
         rows = wait_state(tmp_path / "store", "failed", 60)
-        assert "CT" in rows[0]["reason"], rows
+        # The reason says that the series holds no CT, what it holds instead, and which series it is.
+        reason = rows[0]["reason"]
+        assert re.search(r"\bnot? CT\b", reason) and rtstruct.Modality in reason, rows
+        assert rtstruct.SeriesInstanceUID in reason, rows
         # A CT series with a corrupted instance (its pixel data cut short) fails too.
         from pydicom.uid import generate_uid
 
@@ -238,11 +266,15 @@ def test_a_non_ct_or_corrupted_series_fails_with_its_reason_and_the_next_is_serv
             ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
             if i == 7:
                 ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+                cut_sop, cut_bytes = ds.SOPInstanceUID, len(ds.PixelData)
             ds.save_as(broken / f"{i:03d}.dcm")
         send_series(sorted(broken.glob("*.dcm")), node.port)
         rows = wait_state(tmp_path / "store", "failed", 60, n=2)
         (bad,) = [r for r in rows if r["series_uid"] == uid]
-        assert bad["reason"], rows
+        # The reason names the damaged instance (its file is named by its SOP Instance UID) and
+        # the problem: pixel data shorter than Rows x Columns needs, by how many bytes it has.
+        assert cut_sop in bad["reason"] and "pixel data" in bad["reason"].lower(), rows
+        assert re.search(rf"\b{cut_bytes}\b", bad["reason"]), rows
         send_series(_ct_files(lung_dicom), node.port)
         rows = wait_state(tmp_path / "store", "done", 180)
         done = [r for r in rows if r["state"] == "done"][0]
@@ -254,35 +286,78 @@ def test_a_non_ct_or_corrupted_series_fails_with_its_reason_and_the_next_is_serv
 
 
 def test_sigkill_during_prediction_loses_nothing_and_sends_once(lung_dicom, lung_run, tmp_path):
+    """kill -9 during reception, during prediction and while the result is in flight: every
+    acknowledged instance is on disk, complete; an instance on disk that the queue never
+    recorded is queued on restart; the result reaches the destination as one SOP instance."""
+    from pydicom.uid import generate_uid
+
     tps = PlanningSystem()
-    args = ("--send-to", f"TPS@127.0.0.1:{tps.port}")
-    node = Node(lung_run, tmp_path / "store", *args)
+    store = tmp_path / "store"
+    node = Node(lung_run, store, "--send-to", f"TPS@127.0.0.1:{tps.port}")
     try:
         files = _ct_files(lung_dicom)
-        # Killed during reception: half the series acknowledged, the node dies.
+        ct = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, files)}
+        ct0 = next(iter(ct.values()))
+        study, series = ct0.StudyInstanceUID, ct0.SeriesInstanceUID
+        # 1. Killed during reception: 40 instances acknowledged, the node dies.
         ae = AE(ae_title="PACS")
         ae.add_requested_context(CTImageStorage)
         assoc = ae.associate("127.0.0.1", node.port, ae_title="SATS")
+        acked = []
         for f in files[:40]:
-            assert int(assoc.send_c_store(pydicom.dcmread(f)).Status) == 0
+            ds = pydicom.dcmread(f)
+            assert int(assoc.send_c_store(ds).Status) == 0
+            acked.append(ds.SOPInstanceUID)
         node.kill()
         assoc.abort()
-        node.start()  # the PACS sends the whole series again, as it does after a failure
-        send_series(files, node.port)
-        wait_state(tmp_path / "store", "predicting", 60)
-        node.kill()  # killed during prediction
-        for f in (tmp_path / "store" / "outgoing").rglob("*.dcm"):  # nothing half-written
-            pydicom.dcmread(f)
-        assert not tps.received and not list((tmp_path / "store").rglob(".*.tmp*"))
+        # Every acknowledged instance is on disk, complete, and recorded in the queue; no temp files.
+        stored = sorted((store / "incoming" / study / series).glob("*.dcm"))
+        assert sorted(p.stem for p in stored) == sorted(acked), node.output()
+        for path in stored:
+            ds = pydicom.dcmread(path)
+            assert ds.SOPInstanceUID == path.stem and ds.PixelData == ct[path.stem].PixelData
+        assert not list(store.rglob(".*.tmp*"))
+        (row,) = jobs(store)
+        assert row["series_uid"] == series and row["instances"] == len(acked) and row["state"] == "receiving"
+        # An instance renamed into place whose queue insert the kill prevented (its series unknown
+        # to the queue): a restart must queue it. One slice cannot be predicted, so it fails.
+        orphan = pydicom.dcmread(files[50])
+        orphan.SeriesInstanceUID, orphan.SOPInstanceUID = generate_uid(), generate_uid()
+        orphan_dir = store / "incoming" / study / orphan.SeriesInstanceUID
+        orphan_dir.mkdir(parents=True)
+        orphan.save_as(orphan_dir / f"{orphan.SOPInstanceUID}.dcm", enforce_file_format=True)
+        # 2. Restarted; the PACS sends the whole series again; killed during its prediction.
         node.start()
-        got = tps.wait_for(1, 180)
-        wait_state(tmp_path / "store", "sent", 30)
+        assert send_series(files, node.port) == [0] * len(files), node.output()
+        wait_job(store, series, "predicting", 120)
+        node.kill()
+        for f in (store / "outgoing").rglob("*.dcm"):  # nothing half-written
+            pydicom.dcmread(f)
+        assert not tps.received and not list(store.rglob(".*.tmp*"))
+        # 3. Restarted: predicted again and sent; killed after the destination has the result
+        # but before the node has its C-STORE response, so before it can commit `sent`.
+        tps.hold_next = True
+        node.start()
+        assert tps.arrived.wait(240), node.output()
+        rows = {r["series_uid"]: r for r in jobs(store)}
+        assert rows[series]["state"] == "predicted", rows  # not confirmed, so not `sent`
+        node.kill()
+        tps.release.set()
+        rs_uid = pydicom.dcmread(rows[series]["result"], stop_before_pixels=True).SOPInstanceUID
+        # 4. Restarted: the unconfirmed result is sent again, the same SOP instance.
+        node.start()
+        wait_job(store, series, "sent", 120)
         time.sleep(2)
-        assert len(got) == 1 and len(tps.received) == 1, node.output()  # sent once
-        rows = jobs(tmp_path / "store")
-        assert len(rows) == 1 and rows[0]["state"] == "sent"
-        stored = list((tmp_path / "store" / "incoming").rglob("*.dcm"))
-        assert len(stored) == len(files) and not list((tmp_path / "store").rglob(".*.tmp*"))
+        # Stored once at the DICOM level: both deliveries (the unconfirmed one and the resend)
+        # carry the one SOP Instance UID of the result on disk, so the receiver keeps one instance.
+        assert [ds.SOPInstanceUID for ds in tps.received] == [rs_uid, rs_uid], node.output()
+        assert tps.received[0].Modality == "RTSTRUCT"
+        rows = {r["series_uid"]: r for r in jobs(store)}
+        assert set(rows) == {series, orphan.SeriesInstanceUID} and rows[series]["state"] == "sent", rows
+        bad = rows[orphan.SeriesInstanceUID]
+        assert bad["study_uid"] == study and bad["instances"] == 1 and bad["state"] == "failed", rows
+        stored = list((store / "incoming" / study / series).glob("*.dcm"))
+        assert len(stored) == len(files) and not list(store.rglob(".*.tmp*"))
     finally:
         node.stop()
         tps.stop()

@@ -188,7 +188,7 @@ def train(
     iters_per_epoch: Optional[int] = typer.Option(None, "--iters-per-epoch", min=1),
     fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoint.pt."),
-    variant: Optional[str] = typer.Option(None, "--variant", help="unet, siamese, margin-no-head, sats or sats-joint (see sats ablation)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="A variant of sats ablation, e.g. unet, fusion, fusion-reg, feature-fusion, sats-joint-union, sats."),
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Training spacing Z Y X mm (default: the preset's, following the data where it is coarser)."),
     patch_size: Optional[tuple[int, int, int]] = typer.Option(None, "--patch-size", help="Patch D H W voxels."),
     no_projection_head: bool = typer.Option(False, "--no-projection-head", help="Ablation: margin loss on the decoder features."),
@@ -242,8 +242,8 @@ def ablation(
     dataset: Path = typer.Argument(..., help="Dataset in nnU-Net raw layout with imagesTs/labelsTs (the test split)."),
     out: Path = typer.Option(..., "--out", "-o", help="Study folder (resumed when it exists)."),
     preset_name: str = typer.Option("cpu", "--preset", help="paper or cpu."),
-    variants: str = typer.Option("unet,siamese,margin-no-head,sats,sats-joint", "--variants", help="Comma-separated variants."),
-    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds."),
+    variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated variants (default: unet,fusion,fusion-reg,feature-fusion,sats-joint-union,sats)."),
+    seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Comma-separated seeds (10 for a headline comparison)."),
     fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Total epochs per run (split 4:1 between the stages)."),
     iters_per_epoch: Optional[int] = typer.Option(None, "--iters-per-epoch", min=1),
@@ -253,14 +253,15 @@ def ablation(
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled CTs for the sats-semi and sats-semi-joint variants."),
 ) -> None:
-    """Train, predict and evaluate each variant x seed; paired statistics against unet and siamese.
-    Variants: unet, siamese, margin-no-head, sats, sats-joint (the default set), and sats-unsup
-    (margin-loss region from registration, no label), sats-semi and sats-semi-joint (plus --unlabelled CTs;
-    paired against sats and sats-joint too)."""
-    from sats.evaluation.ablation import AblationSettings, run_ablation
+    """Train, predict and evaluate each variant x seed; paired statistics over seeds and cases against unet.
+    One schedule for every arm: unet, fusion ([CT, mirror] input), fusion-reg (the mirror registered to the CT),
+    feature-fusion (each voxel's features beside its mirror partner's), siamese, sats-joint, sats-joint-union;
+    the paper's two stages: sats, unet-2stage, siamese-2stage, margin-no-head-2stage; sats-unsup (margin-loss
+    region from registration, no label), sats-semi and sats-semi-joint (plus --unlabelled CTs)."""
+    from sats.evaluation.ablation import DEFAULT_VARIANTS, AblationSettings, run_ablation
 
     settings = AblationSettings(
-        dataset=str(dataset.resolve()), preset=preset_name, variants=[v.strip() for v in variants.split(",") if v.strip()],
+        dataset=str(dataset.resolve()), preset=preset_name, variants=[v.strip() for v in (variants or ",".join(DEFAULT_VARIANTS)).split(",") if v.strip()],
         seeds=_int_list(seeds, "--seeds"), fold=fold, epochs=epochs, iters_per_epoch=iters_per_epoch,
         spacing=list(spacing) if spacing else None, patch_size=list(patch_size) if patch_size else None,
         align=not no_align, unlabelled=str(unlabelled.resolve()) if unlabelled else None,

@@ -1,31 +1,43 @@
-"""Does asymmetry help? ``sats ablation``: the paper's Table 3 and a plain U-Net baseline
-trained at equal budget, evaluated on the test split, with paired statistics.
+"""Does asymmetry help? ``sats ablation``: a plain U-Net, the paper's method and the designs
+that give the network the mirror at inference, trained at equal budget, evaluated on the
+test split, with statistics over seeds and cases.
 
 Every variant uses the same encoder-decoder, preprocessing (one shared cache: the same
 alignment, spacing and normalisation), augmentation (including the left-right flip of
-whole samples), optimiser and number of optimiser steps; only the branches, the head,
-the margin loss and the schedule differ (:data:`sats.model.config.VARIANTS`).
+whole samples), optimiser, number of optimiser steps and, unless its name says otherwise,
+one schedule (a single polynomial decay); only the branches, the inputs, the head, the
+margin loss and the schedule differ (:data:`sats.model.config.VARIANTS`).
 
 Layout of ``DIR`` (every file is written atomically, so the study can be killed at any
 point and started again with the same command; finished runs are not retrained; two
 processes started on the same ``DIR`` share the runs between them)::
 
-    ablation.json            the settings (a restart with other settings is refused)
+    ablation.json            the settings (a restart with other settings is refused; the
+                             variants and seeds may grow)
     cache/                   preprocessed training cases, shared by every run
     test_planes.json         the mid-sagittal plane of each test CT, found once
+    test_mirrors/            fusion-reg: each test CT's registered mirror, found once
     runs/{variant}-s{seed}/  a RUN folder (sats predict -m), test/ predictions, metrics.csv,
                              .ablation.lock (held by the process working on the run)
     cases.csv                variant,seed,case,dsc,hd95,asd,nsd
     summary.md, summary.json per-variant means and paired differences
+    subgroups.json, .png     paired ΔDSC by lesion contrast, volume, midline, side (lesions.json)
     ablation.png             paired per-case differences
 
-**Statistics.** Metrics are averaged over seeds per case first. Per variant: mean ± sd
-(ddof 1) over cases. Paired by case against ``unet`` and ``siamese`` (and ``sats-unsup``,
-``sats-semi`` against ``sats``, ``sats-semi-joint`` against ``sats-joint``,
-:data:`OWN_BASELINE`): the mean difference
-(variant minus baseline), its 95 % percentile bootstrap interval (10,000 resamples of
-cases, ``numpy.random.default_rng(0)``), and the two-sided Wilcoxon signed-rank p-value
-(``scipy.stats.wilcoxon``, zero differences dropped; 1.0 when every difference is zero).
+**Statistics.** Per variant: metrics averaged over its seeds per case, then mean ± sd
+(ddof 1) over cases. Paired against ``unet`` and ``siamese`` where present (and the
+baselines of :data:`OWN_BASELINE`), over the seeds both arms have finished:
+
+* the mean difference (variant minus baseline) of the seed-averaged cases;
+* the **two-level** 95 % interval (:func:`two_level_interval`: 10,000 draws of seeds, then
+  cases, with replacement, ``numpy.random.default_rng(0)``) and the mean difference of each
+  seed (``per_seed``): the seed noise is several DSC points a run, so this is the interval
+  to read;
+* the case-level 95 % interval (10,000 resamples of the seed-averaged cases) and the
+  two-sided Wilcoxon signed-rank p (``scipy.stats.wilcoxon``, zero differences dropped; 1.0
+  when every difference is zero). Both treat the seeds as fixed, and overstate what a few
+  seeds can say.
+
 A case whose HD95 is infinite (an empty prediction) in either arm is left out of that HD95
 comparison; ``n`` says how many cases each comparison used.
 """
@@ -46,21 +58,23 @@ from sats.geometry.volume import SatsError
 from sats.model.config import SEMI_VARIANTS, VARIANTS, build, parse_fold
 from sats.model.run import CHECKPOINT_FILE, MODEL_FILE, claim
 
-#: The study's default: the paper's Table 3 and the two baselines.
-PAPER_VARIANTS = ("unet", "siamese", "margin-no-head", "sats", "sats-joint")
+#: The study's default arms: the plain U-Net, the mirror at inference (early fusion, plain and
+#: registered; feature fusion), the margin loss from the first step with the union region,
+#: and the paper's two-stage method as the reference.
+DEFAULT_VARIANTS = ("unet", "fusion", "fusion-reg", "feature-fusion", "sats-joint-union", "sats")
 BASELINES = ("unet", "siamese")
-#: The variants that change only where the margin loss's region or data come from are
-#: also paired against the paper's method itself: that is their question.
-OWN_BASELINE = {"sats-unsup": "sats", "sats-semi": "sats", "sats-semi-joint": "sats-joint"}
+#: Variants also paired against a baseline of their own: that is their question.
+OWN_BASELINE = {"sats-unsup": ("sats",), "sats-semi": ("sats",), "sats-semi-joint": ("sats-joint",),
+                "siamese-2stage": ("unet-2stage",), "margin-no-head-2stage": ("unet-2stage", "siamese-2stage"),
+                "sats": ("unet-2stage", "siamese-2stage")}
 
 
 def baselines_of(variant: str) -> tuple[str, ...]:
-    """What ``variant`` is paired against (where present): the two baselines, and ``sats``
-    for the variants of :data:`OWN_BASELINE`."""
-    return BASELINES + ((OWN_BASELINE[variant],) if variant in OWN_BASELINE else ())
+    """What ``variant`` is paired against where present: ``unet``, ``siamese``, and those of :data:`OWN_BASELINE`."""
+    return BASELINES + OWN_BASELINE.get(variant, ())
 
 
-ALL_BASELINES = BASELINES + tuple(sorted(set(OWN_BASELINE.values())))
+ALL_BASELINES = BASELINES + tuple(sorted({b for bs in OWN_BASELINE.values() for b in bs}))
 METRICS = ("dsc", "hd95", "asd", "nsd")
 PAIRED = ("dsc", "hd95", "nsd")
 BOOTSTRAP = 10_000
@@ -72,8 +86,8 @@ class AblationSettings:
 
     dataset: str
     preset: str = "cpu"
-    variants: list[str] = field(default_factory=lambda: list(PAPER_VARIANTS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     fold: str = "0"
     epochs: int | None = None
     iters_per_epoch: int | None = None
@@ -133,8 +147,59 @@ def paired(variant: dict[str, dict[str, float]], baseline: dict[str, dict[str, f
             "ci_high": float(np.percentile(means, 97.5)), "p_wilcoxon": p, "n": int(len(d))}
 
 
+def per_seed_table(rows: list[dict]) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
+    """{variant: {seed: {case: {metric: value}}}} from cases.csv rows (seeds as integers)."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["variant"], {}).setdefault(int(r["seed"]), {})[r["case"]] = {m: float(r[m]) for m in METRICS}
+    return out
+
+
+def seed_case_differences(variant: dict, baseline: dict, metric: str, cases: list[str] | None = None) -> tuple[list[int], np.ndarray]:
+    """The seeds both arms ran and the (seeds, cases) matrix of paired differences
+    (variant minus baseline, seed s against seed s, case against case); NaN where either
+    value is not finite (an empty prediction's HD95). ``cases``: only these (a subgroup)."""
+    seeds = sorted(set(variant) & set(baseline))
+    common = set.intersection(*[set(variant[s]) & set(baseline[s]) for s in seeds]) if seeds else set()
+    cases = sorted(common if cases is None else common & set(cases))
+    d = np.array([[variant[s][c][metric] - baseline[s][c][metric] for c in cases] for s in seeds], float).reshape(len(seeds), len(cases))
+    d[~np.isfinite(d)] = np.nan
+    return seeds, d
+
+
+def two_level_interval(d: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean paired difference over a (seeds, cases) matrix,
+    resampling seeds and then cases: each of ``resamples`` draws takes the seeds with
+    replacement and the cases with replacement (the same cases for every seed drawn: the
+    cases are crossed with the seeds, not nested in them) and averages the drawn grid,
+    NaN pairs left out. ``numpy.random.default_rng(seed)``."""
+    finite = np.isfinite(d)
+    if not finite.any():
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    n_seeds, n_cases = d.shape
+    # Draw counts per seed and per case; the mean of the drawn grid is then a weighted mean.
+    ws = np.stack([np.bincount(rng.integers(0, n_seeds, n_seeds), minlength=n_seeds) for _ in range(resamples)]).astype(float)
+    wc = np.stack([np.bincount(rng.integers(0, n_cases, n_cases), minlength=n_cases) for _ in range(resamples)]).astype(float)
+    num = np.einsum("bs,sc,bc->b", ws, np.where(finite, d, 0.0), wc)
+    den = np.einsum("bs,sc,bc->b", ws, finite.astype(float), wc)
+    means = num[den > 0] / den[den > 0]
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def seed_level(variant: dict, baseline: dict, metric: str) -> dict:
+    """The seed-level view of a comparison: the two-level interval and the mean paired
+    difference of each seed (``per_seed``, in the order of ``seeds``)."""
+    seeds, d = seed_case_differences(variant, baseline, metric)
+    lo, hi = two_level_interval(d)
+    per_seed = [float(np.nanmean(row)) if np.isfinite(row).any() else math.nan for row in d]
+    return {"ci_low_2level": lo, "ci_high_2level": hi, "per_seed": per_seed, "seeds": seeds}
+
+
 def summarize_rows(rows: list[dict]) -> dict:
-    """``{"variants": {variant: {metric: {mean, sd, n, empty}}}, "paired": {variant: {baseline: {metric: {...}}}}}``."""
+    """``{"variants": {variant: {metric: {mean, sd, n, empty}}}, "paired": {variant: {baseline: {metric: {...}}}}}``.
+    Each paired entry holds the case-level statistics of :func:`paired` (cases averaged over
+    seeds) and the seed-level ones of :func:`seed_level` (two-level interval, per-seed means)."""
     means = per_case_means(rows)
     out: dict = {"variants": {}, "paired": {}}
     for v, cases in means.items():
@@ -147,10 +212,15 @@ def summarize_rows(rows: list[dict]) -> dict:
                 "sd": float(finite.std(ddof=1)) if len(finite) > 1 else math.nan,
                 "n": int(len(finite)), "empty": int((~np.isfinite(vals)).sum()),
             }
+    table = per_seed_table(rows)
     for v in means:
         for b in baselines_of(v):
             if b in means and b != v:
-                out["paired"].setdefault(v, {})[b] = {m: paired(means[v], means[b], m) for m in PAIRED}
+                # Pair the seeds both arms have finished (a headline pair may run more seeds than the rest).
+                common = {str(s) for s in set(table[v]) & set(table[b])}
+                both = per_case_means([r for r in rows if r["variant"] in (v, b) and str(r["seed"]) in common])
+                out["paired"].setdefault(v, {})[b] = {m: {**paired(both[v], both[b], m), **seed_level(table[v], table[b], m)}
+                                                      for m in PAIRED} if common else {}
     return out
 
 
@@ -162,11 +232,11 @@ def _p(x: float) -> str:
     return "n/a" if not math.isfinite(x) else (f"{x:.4f}" if x >= 1e-4 else f"{x:.1e}")
 
 
-def summary_markdown(summary: dict, settings: AblationSettings, n_runs: dict[str, int], note: str = "") -> str:
+def summary_markdown(summary: dict, settings: AblationSettings, n_runs: dict[str, int]) -> str:
     units = {"dsc": "DSC (%)", "hd95": "HD95 (mm)", "asd": "ASD (mm)", "nsd": "NSD 1 mm (%)"}
     lines = [f"# sats ablation: {settings.dataset}", "",
-             f"Preset `{settings.preset}`, fold {settings.fold}, seeds {','.join(map(str, settings.seeds))}; "
-             "metrics averaged over seeds per case, then mean ± sd over test cases." + (f" {note}" if note else ""), "",
+             f"Preset `{settings.preset}`, fold {settings.fold}; metrics averaged over each variant's seeds ('runs') per case, "
+             "then mean ± sd over test cases.", "",
              "| variant | runs | cases | " + " | ".join(units[m] for m in METRICS) + " |",
              "|---|---|---|" + "---|" * len(METRICS)]
     for v in [v for v in VARIANTS if v in summary["variants"]]:
@@ -177,18 +247,122 @@ def summary_markdown(summary: dict, settings: AblationSettings, n_runs: dict[str
             cells.append(cell + (f" ({s[m]['empty']} empty)" if s[m]["empty"] else ""))
         lines.append(f"| {v} | {n_runs.get(v, 0)} | {max(s[m]['n'] + s[m]['empty'] for m in METRICS)} | " + " | ".join(cells) + " |")
     for b in ALL_BASELINES:
-        rows = [(v, summary["paired"][v][b]) for v in VARIANTS if b in summary["paired"].get(v, {})]
+        rows = [(v, summary["paired"][v][b]) for v in VARIANTS if summary["paired"].get(v, {}).get(b)]
         if not rows:
             continue
-        lines += ["", f"## Paired against `{b}` (variant minus {b}; 95 % bootstrap CI; Wilcoxon signed-rank p)", "",
-                  "| variant | ΔDSC (pp) | 95 % CI | p | ΔHD95 (mm) | 95 % CI | p | ΔNSD (pp) | 95 % CI | p | n |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"## Paired against `{b}` (variant minus {b})", "",
+                  "Case CI: 95 % bootstrap over cases, seeds averaged per case first (treats the seeds as fixed). "
+                  "2-level CI: seeds resampled, then cases (the interval to read). p: Wilcoxon signed-rank on the "
+                  "seed-averaged cases, which also treats the seeds as fixed.", "",
+                  "| variant | ΔDSC (pp) | case CI | 2-level CI | p | ΔDSC per seed | ΔHD95 (mm) | 2-level CI | ΔNSD (pp) | 2-level CI | seeds | n |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for v, st in rows:
-            cells = []
-            for m in PAIRED:
-                cells += [_fmt(st[m]["mean_diff"]), f"[{_fmt(st[m]['ci_low'])}, {_fmt(st[m]['ci_high'])}]", _p(st[m]["p_wilcoxon"])]
-            lines.append(f"| {v} | " + " | ".join(cells) + f" | {st['dsc']['n']} |")
+            d, h, n = st["dsc"], st["hd95"], st["nsd"]
+            per_seed = ", ".join(f"{x:+.1f}" for x in d["per_seed"])
+            cells = [_fmt(d["mean_diff"]), _ci(d, ""), _ci(d, "_2level"), _p(d["p_wilcoxon"]), per_seed,
+                     _fmt(h["mean_diff"]), _ci(h, "_2level"), _fmt(n["mean_diff"]), _ci(n, "_2level"), str(len(d["seeds"])), str(d["n"])]
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ci(stats: dict, kind: str) -> str:
+    return f"[{_fmt(stats['ci_low' + kind])}, {_fmt(stats['ci_high' + kind])}]"
+
+
+# --- subgroups of the lesion test bed ------------------------------------------------------------
+
+#: Contrast bands (HU above the surrounding muscle) of the subgroup table.
+CONTRAST_BANDS = ((0.0, 5.0), (5.0, 10.0), (10.0, math.inf))
+
+
+def lesion_groups(lesions: dict, cases: list[str]) -> dict[str, list[str]]:
+    """Test cases by what ``lesions.json`` (``sats phantom --background``) says of their GTV:
+    contrast (0-5, 5-10, 10+ HU), volume (tertiles of these cases), whether it crosses the
+    midline (any of it on the other side), and side. Asymmetry should matter most for
+    small, faint, one-sided lesions."""
+    known = [c for c in cases if c in lesions]
+    groups: dict[str, list[str]] = {}
+    if not known:
+        return groups
+    t1, t2 = np.percentile([lesions[c]["volume_ml"] for c in known], [100 / 3, 200 / 3])
+    for c in known:
+        lesion = lesions[c]
+        lo, hi = next(b for b in CONTRAST_BANDS if b[0] <= lesion["contrast_hu"] < b[1] or b[1] == math.inf)
+        volume = lesion["volume_ml"]
+        size = f"volume <= {t1:.0f} ml" if volume <= t1 else (f"volume {t1:.0f}-{t2:.0f} ml" if volume <= t2 else f"volume > {t2:.0f} ml")
+        for name in (f"contrast {lo:.0f}-{hi:.0f} HU" if hi < math.inf else f"contrast >= {lo:.0f} HU", size,
+                     "crosses the midline" if lesion.get("contralateral_fraction", 0.0) > 0 else "one side only",
+                     f"{lesion['side']} side"):
+            groups.setdefault(name, []).append(c)
+    return groups
+
+
+def lesion_subgroups(rows: list[dict], lesions_file: Path, baseline: str = "unet") -> list[dict]:
+    """Paired ΔDSC (variant minus ``baseline``) within each subgroup of :func:`lesion_groups`:
+    ``[{"group", "variant", "n", "mean_diff", "ci_low_2level", "ci_high_2level"}]``; empty
+    without a ``lesions.json`` or a baseline."""
+    if not lesions_file.exists():
+        return []
+    lesions = json.loads(lesions_file.read_text())
+    table = per_seed_table(rows)
+    if baseline not in table:
+        return []
+    out = []
+    groups = lesion_groups(lesions, sorted({r["case"] for r in rows}))
+    for v in [v for v in VARIANTS if v in table and v != baseline]:
+        for name, cases in groups.items():
+            _, d = seed_case_differences(table[v], table[baseline], "dsc", cases)
+            if d.size == 0:
+                continue
+            lo, hi = two_level_interval(d)
+            out.append({"group": name, "variant": v, "n": int(d.shape[1]), "mean_diff": float(np.nanmean(np.nanmean(d, axis=0))),
+                        "ci_low_2level": lo, "ci_high_2level": hi, "baseline": baseline})
+    return out
+
+
+def subgroups_markdown(subgroups: list[dict]) -> str:
+    if not subgroups:
+        return ""
+    variants = list(dict.fromkeys(r["variant"] for r in subgroups))
+    groups = list(dict.fromkeys(r["group"] for r in subgroups))
+    cell = {(r["group"], r["variant"]): r for r in subgroups}
+    lines = ["", f"## Subgroups (ΔDSC against `{subgroups[0]['baseline']}`, pp, with the 2-level 95 % CI; from lesions.json)", "",
+             "| subgroup | cases | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for g in groups:
+        n = next(cell[(g, v)]["n"] for v in variants if (g, v) in cell)
+        cells = [f"{_fmt(cell[(g, v)]['mean_diff'])} {_ci(cell[(g, v)], '_2level')}" if (g, v) in cell else "" for v in variants]
+        lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_subgroups(subgroups: list[dict], path: Path) -> Path:
+    """A forest plot: one row per subgroup, one marker (mean ΔDSC, 2-level CI) per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in subgroups))
+    groups = list(dict.fromkeys(r["group"] for r in subgroups))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(groups) * max(1, len(variants)) ** 0.5 + 1.5))
+    for k, v in enumerate(variants):
+        for i, g in enumerate(groups):
+            r = next((r for r in subgroups if r["group"] == g and r["variant"] == v), None)
+            if r is None or not math.isfinite(r["mean_diff"]):
+                continue
+            y = i + (k - (len(variants) - 1) / 2) * 0.8 / max(len(variants), 1)
+            ax.errorbar(r["mean_diff"], y, xerr=[[r["mean_diff"] - r["ci_low_2level"]], [r["ci_high_2level"] - r["mean_diff"]]],
+                        fmt="o", color=f"C{k}", capsize=2, label=v if i == 0 else None)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(groups)), [f"{g} ({next(r['n'] for r in subgroups if r['group'] == g)})" for g in groups])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"DSC difference vs {subgroups[0]['baseline']} (percentage points; 2-level 95 % CI)")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_paired(summary_rows: list[dict], path: Path) -> Path:
@@ -290,7 +464,8 @@ def _predict_and_score(run: Path, dataset: Path, planes: dict, console, device: 
         if target.exists():
             mask = read_image(target)
         else:
-            pre = loaded.preprocessor(ct, alignment=planes.get(case.case_id))
+            mirror = _test_mirror(run.parent.parent, case.case_id, ct, loaded, planes.get(case.case_id))
+            pre = loaded.preprocessor(ct, alignment=planes.get(case.case_id), mirror_hu=mirror)
             mask = predict_case(loaded, ct, pre, device=device).mask
             write_image(mask, target)
         m = compute_metrics(mask.array, read_image(case.label).array, ct.spacing, case=case.case_id)  # type: ignore[arg-type]
@@ -299,22 +474,36 @@ def _predict_and_score(run: Path, dataset: Path, planes: dict, console, device: 
     return _read_rows(scores)
 
 
+def _test_mirror(study: Path, case_id: str, ct, loaded, alignment) -> np.ndarray | None:
+    """A fusion-reg run's registered mirror of a test CT, in HU, registered once for the whole
+    study (``test_mirrors/``: every run of a study shares the grid and the planes)."""
+    if loaded.config.train.fusion != "registered":
+        return None
+    path = study / "test_mirrors" / f"{case_id}.npy"
+    if not path.exists():
+        from dataclasses import replace
+
+        hu = replace(loaded.preprocessor, stats=None)(ct, alignment=alignment).mirror_reg
+        path.parent.mkdir(exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, hu)
+    return np.load(path, allow_pickle=False)
+
+
 def write_outputs(out: Path, settings: AblationSettings, rows: list[dict]) -> dict:
     """cases.csv, summary.md, summary.json and ablation.png from the rows so far."""
     _write_rows(out / "cases.csv", rows, ("variant", "seed", "case", *METRICS))
     rows = _read_rows(out / "cases.csv")  # the statistics use exactly what the CSV holds
-    # While a study runs, the tables use the seeds every variant has finished, so that
-    # each comparison pairs the same seeds; until one has, whatever has finished.
-    variants = {r["variant"] for r in rows}
-    complete = [s for s in sorted({r["seed"] for r in rows}) if {r["variant"] for r in rows if r["seed"] == s} == variants]
-    pending = sorted({(r["variant"], r["seed"]) for r in rows if r["seed"] not in complete}) if complete else []
-    if pending:
-        rows = [r for r in rows if r["seed"] in complete]
+    # Each variant's row uses every seed it has finished; each comparison pairs the seeds
+    # both of its arms have finished (the "seeds" column), so a study in progress, or one
+    # whose headline pair runs more seeds, compares like with like.
     summary = summarize_rows(rows)
-    n_runs = {v: len({r["seed"] for r in rows if r["variant"] == v}) for v in settings.variants}
-    note = (f"Left out until every variant has finished their seed: {', '.join(f'{v}-s{s}' for v, s in pending)} "
-            "(in cases.csv).") if pending else ""
-    write_text_atomic(out / "summary.md", summary_markdown(summary, settings, n_runs, note))
+    n_runs = {v: len({r["seed"] for r in rows if r["variant"] == v}) for v in sorted({r["variant"] for r in rows})}
+    subgroups = lesion_subgroups(rows, Path(settings.dataset) / "lesions.json")
+    write_text_atomic(out / "summary.md", summary_markdown(summary, settings, n_runs) + subgroups_markdown(subgroups))
+    if subgroups:
+        write_text_atomic(out / "subgroups.json", json.dumps(subgroups, indent=2))
+        plot_subgroups(subgroups, out / "subgroups.png")
     write_text_atomic(out / "summary.json", json.dumps(summary["paired"], indent=2))
     plot_paired(rows, out / "ablation.png")
     return summary

@@ -1,10 +1,10 @@
 """Unsupervised asymmetric-region selection (paper Sec. 3.1, "registration-based"): where
 an aligned CT differs from its own left-right mirror, found without a label.
 
-On the symmetric grid (:mod:`sats.geometry.preprocessing`: the mid-sagittal plane is the central
+On the symmetric grid (:mod:`sats.geometry.grid`: the mid-sagittal plane is the central
 sagittal plane and the last array axis is left-right) the mirror is ``mirror_lr(ct)``.
 Normal anatomy is only roughly symmetric, so the mirror is first **registered
-deformably** to the CT (SimpleITK's symmetric-forces demons, coarse to fine, the
+deformably** to the CT (:mod:`sats.geometry.reflection`) (SimpleITK's symmetric-forces demons, coarse to fine, the
 displacement field smoothed at every iteration by a Gaussian of ``field_sigma_vox``
 voxels of each level: the regularisation that keeps a tumour from being warped away). What registration cannot
 explain is asymmetry:
@@ -45,21 +45,21 @@ from scipy import ndimage
 from sats.geometry.grid import body_mask, box_to_roi, resample_to
 from sats.geometry.landmarks import landmark_box
 from sats.geometry.preprocessing import PlaneSettings, Preprocessed, Preprocessor
+from sats.geometry.reflection import FIELD_SIGMA_VOX, HU_WINDOW, ITERATIONS, LEVELS, register_to_mirror
 from sats.geometry.symmetry import mirror_lr
 from sats.geometry.volume import SatsError, Volume, to_sitk
 
-#: HU window for registration and residual: air to dense soft tissue / thin bone. Bone and
-#: metal above it would dominate the residual with tiny misregistrations.
-RESIDUAL_WINDOW = (-500.0, 300.0)
+#: HU window of the residual: the registration's (air to dense soft tissue / thin bone).
+RESIDUAL_WINDOW = HU_WINDOW
 
 
 @dataclass
 class AsymmetryConfig:
     """Settings of the unsupervised asymmetry map (distances in mm, intensities in HU)."""
 
-    levels: tuple[int, ...] = (8, 4, 2, 1)  # pyramid: shrink factors, coarse to fine
-    iterations: tuple[int, ...] = (100, 60, 30, 10)  # demons iterations per level
-    field_sigma_vox: float = 1.0  # Gaussian smoothing of the displacement field, voxels of each level (regularisation)
+    levels: tuple[int, ...] = LEVELS  # pyramid: shrink factors, coarse to fine (sats.geometry.reflection)
+    iterations: tuple[int, ...] = ITERATIONS  # demons iterations per level
+    field_sigma_vox: float = FIELD_SIGMA_VOX  # Gaussian smoothing of the displacement field, voxels of each level (regularisation)
     smooth_mm: float = 2.0  # smoothing of the residual before scoring
     residual_hu: float = 100.0  # residual that scores 1
     log_jacobian: float = 0.6  # |log det J| that scores 1 (a volume change of about x1.8)
@@ -81,29 +81,6 @@ class AsymmetryMap:
     mask: np.ndarray
     seconds: float
 
-
-def _register_mirror(fixed: sitk.Image, moving: sitk.Image, cfg: AsymmetryConfig) -> sitk.Image:
-    """Displacement field (fixed grid, vector float64, mm) taking fixed points into the moving image."""
-    field = None
-    for shrink, iters in zip(cfg.levels, cfg.iterations):
-        f, m = fixed, moving
-        if shrink > 1:  # smooth before subsampling: a coarse level sees shapes, not noise
-            sigma = 0.5 * shrink * min(fixed.GetSpacing())
-            f = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed, sigma), [shrink] * 3)
-            m = sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving, sigma), [shrink] * 3)
-        init = (sitk.Resample(field, f, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
-                if field is not None else sitk.Image(f.GetSize(), sitk.sitkVectorFloat64, 3))
-        init.CopyInformation(f)
-        demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-        demons.SetNumberOfIterations(iters)
-        demons.SetUseImageSpacing(False)  # the smoothing below is in voxels of each level
-        demons.SetSmoothDisplacementField(True)
-        demons.SetStandardDeviations(cfg.field_sigma_vox)
-        field = demons.Execute(f, m, init)
-    assert field is not None
-    if field.GetSize() != fixed.GetSize():
-        field = sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
-    return field
 
 
 @dataclass
@@ -169,7 +146,7 @@ def _crop_cues(aligned: Volume, cfg: AsymmetryConfig) -> Cues:
     fixed = to_sitk(aligned.with_array(hu))
     moving = to_sitk(aligned.with_array(mirror_lr(hu)))  # flip along x, the left-right axis
     try:
-        field = _register_mirror(fixed, moving, cfg)
+        field = register_to_mirror(fixed, moving, cfg.levels, cfg.iterations, cfg.field_sigma_vox)
     except RuntimeError as exc:
         raise SatsError(f"registration of the CT to its mirror failed ({str(exc).strip().splitlines()[-1]})") from None
     transform = sitk.DisplacementFieldTransform(sitk.Image(field))  # the transform takes the field over: pass a copy

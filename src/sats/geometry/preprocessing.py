@@ -170,16 +170,24 @@ def estimate_plane(ct: Volume, settings: PlaneSettings | None = None, device: st
 class Preprocessed:
     """A case on its symmetric grid: ``image`` float32 (z, y, x), normalised (HU where no
     statistics were given), ``label`` uint8 or None, ``grid`` the geometry (a Volume whose
-    array is ``image``), ``alignment`` the plane it was resampled about."""
+    array is ``image``), ``alignment`` the plane it was resampled about, and ``mirror_reg``
+    the mirror registered to the image (:func:`sats.geometry.reflection.registered_mirror`,
+    normalised alike) where asked for."""
 
     image: np.ndarray
     label: np.ndarray | None
     grid: Volume
     alignment: Alignment
+    mirror_reg: np.ndarray | None = None
 
     @property
     def plane(self) -> Plane:
         return self.alignment.plane
+
+    @property
+    def channels(self) -> np.ndarray:
+        """The network's view of the case, (C, z, y, x): the image, and the registered mirror where there is one."""
+        return self.image[None] if self.mirror_reg is None else np.stack([self.image, self.mirror_reg])
 
 
 def preprocess(
@@ -211,7 +219,9 @@ class Preprocessor:
     the resampling at ``spacing`` (z, y, x) mm and the normalisation (``stats``; None keeps HU).
 
     ``device``: where the symmetry search samples and (on CUDA) where the CT is resampled;
-    on the CPU SimpleITK's threads resample faster.
+    on the CPU SimpleITK's threads resample faster. ``registered_mirror``: also the mirror
+    registered to the CT (:func:`sats.geometry.reflection.registered_mirror`, a few seconds),
+    for the ``fusion="registered"`` networks.
 
     Example:
         >>> prep = Preprocessor((3.0, 1.6, 1.6), stats, PlaneSettings("self"))   # doctest: +SKIP
@@ -223,14 +233,28 @@ class Preprocessor:
     stats: IntensityStats | None = None
     planes: PlaneSettings = field(default_factory=PlaneSettings)
     device: str = "cpu"
+    registered_mirror: bool = False
 
     def find_plane(self, ct: Volume) -> Alignment:
         return estimate_plane(ct, self.planes, self.device)
 
-    def __call__(self, ct: Volume, label: Volume | None = None, alignment: Alignment | None = None) -> Preprocessed:
+    def __call__(self, ct: Volume, label: Volume | None = None, alignment: Alignment | None = None,
+                 mirror_hu: np.ndarray | None = None) -> Preprocessed:
+        """``alignment``: a plane found before (no search); ``mirror_hu``: the registered mirror
+        in HU on this case's grid, computed before (no registration)."""
         alignment = alignment or self.find_plane(ct)
         resample_on = self.device if self.device.startswith("cuda") else None
-        return preprocess(ct, self.spacing, self.stats, label, alignment, device=resample_on)
+        pre = preprocess(ct, self.spacing, None, label, alignment, device=resample_on)
+        if self.registered_mirror:
+            from sats.geometry.reflection import registered_mirror
+
+            pre.mirror_reg = registered_mirror(pre.grid) if mirror_hu is None else np.asarray(mirror_hu, np.float32)
+        if self.stats is not None:
+            pre.image = self.stats.normalise(pre.image).astype(np.float32)
+            pre.grid = pre.grid.with_array(pre.image)
+            if pre.mirror_reg is not None:
+                pre.mirror_reg = self.stats.normalise(pre.mirror_reg).astype(np.float32)
+        return pre
 
 
 def make_atlas(cts: list[Volume], spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)) -> Volume:

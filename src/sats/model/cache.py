@@ -207,6 +207,34 @@ def add_asymmetry_maps(dataset: Path, cache: Path, cases: list[CaseArrays], cfg:
             progress.advance(task)
 
 
+def add_registered_mirrors(dataset: Path, cache: Path, cases: list[CaseArrays], cfg: TrainConfig, stats: IntensityStats,
+                           console: Console | None) -> None:
+    """Give every case its mirror registered to it (``fusion="registered"``), computed once
+    into the cache as ``{case}_mirror.npy`` (normalised like the image, keyed by file, grid
+    and alignment in ``mirror.json``): ``case.image`` becomes (2, z, y, x), the CT and
+    W(M(CT)). The CT is resampled about the plane stored in ``meta.json``: no second search."""
+    spacing = tuple(float(v) for v in cfg.spacing)  # type: ignore[union-attr]
+    meta = json.loads((cache / "meta.json").read_text())
+    keys_file = cache / "mirror.json"
+    keys = json.loads(keys_file.read_text()) if keys_file.exists() else {}
+    images = {c.case_id: c.image for c in training_cases(dataset)}
+    prep = Preprocessor(spacing, stats, plane_settings(cfg), registered_mirror=True)
+    with progress_bar(console) as progress:
+        task = progress.add_task("mirrors registered to each CT", total=len(cases))
+        for case in cases:
+            key = _asym_key(images[case.case_id], spacing, meta.get("align", ""), {"registered_mirror": 1, "stats": stats.to_dict()})
+            path = cache / f"{case.case_id}_mirror.npy"
+            if keys.get(case.case_id) != key or not path.exists():
+                stored = meta.get("planes", {}).get(case.case_id)
+                with about(images[case.case_id]):
+                    pre = prep(read_image(images[case.case_id]), alignment=Alignment.from_dict(stored) if stored else None)
+                _save_npy(path, pre.mirror_reg)
+                keys[case.case_id] = key
+                write_text_atomic(keys_file, json.dumps(keys, indent=1))
+            case.image = np.stack([np.asarray(case.image), np.load(path, allow_pickle=False)])
+            progress.advance(task)
+
+
 def prepare_unlabelled(items: list[tuple[str, Path]], cache: Path, cfg: TrainConfig, stats: IntensityStats,
                        console: Console | None) -> list[CaseArrays]:
     """Preprocess the unlabelled CTs with the run's alignment (self, atlas or none) and the
@@ -218,7 +246,8 @@ def prepare_unlabelled(items: list[tuple[str, Path]], cache: Path, cfg: TrainCon
 
     spacing = tuple(float(v) for v in cfg.spacing)  # type: ignore[union-attr]
     planes = plane_settings(cfg)
-    prep = Preprocessor(spacing, None, planes)  # in HU: m_unsup reads HU, the image is normalised after
+    registered = cfg.fusion == "registered"
+    prep = Preprocessor(spacing, None, planes, registered_mirror=registered)  # in HU: m_unsup reads HU, normalised after
     cache.mkdir(parents=True, exist_ok=True)
     keys_file = cache / "unlabelled.json"
     keys = json.loads(keys_file.read_text()) if keys_file.exists() else {}
@@ -226,7 +255,7 @@ def prepare_unlabelled(items: list[tuple[str, Path]], cache: Path, cfg: TrainCon
     with progress_bar(console) as progress:
         task = progress.add_task("unlabelled CTs (align, preprocess, asymmetry)", total=len(items))
         for cid, path in items:
-            key = _asym_key(path, spacing, planes.key, {"stats": stats.to_dict()})
+            key = _asym_key(path, spacing, planes.key, {"stats": stats.to_dict(), **({"registered_mirror": 1} if registered else {})})
             image_file, asym_file = cache / f"{cid}_image.npy", cache / f"{cid}_asym.npy"
             if keys.get(cid) != key or not (image_file.exists() and asym_file.exists()):
                 try:
@@ -234,7 +263,8 @@ def prepare_unlabelled(items: list[tuple[str, Path]], cache: Path, cfg: TrainCon
                         ct = read_image(path)
                         check_ct(ct, str(path))
                         pre = prep(ct)
-                        _save_npy(image_file, stats.normalise(pre.image).astype(np.float32))
+                        channels = pre.channels  # the CT, and its registered mirror where the run takes one
+                        _save_npy(image_file, (stats.normalise(channels) if registered else stats.normalise(pre.image)).astype(np.float32))
                         _save_npy(asym_file, asymmetry_map(pre).mask)
                         write_text_atomic(cache / f"{cid}_plane.json", json.dumps(pre.alignment.to_dict(), indent=1))
                 except SatsError as exc:  # unreadable, not CT, or no reliable plane

@@ -14,6 +14,7 @@ from typing import Literal
 
 from sats.geometry.volume import SatsError, validate_options
 from sats.model.losses import AsymRegion  # defined beside the loss that uses it
+from sats.model.network import Fusion  # defined beside the network that uses it
 
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["two-stage", "joint"]
@@ -74,7 +75,13 @@ class TrainConfig:
     # the CT alone (a plain U-Net with left-right flip augmentation); schedule "joint" runs
     # the head and the margin loss from the first epoch in one stage of total_epochs.
     siamese: bool = True
-    schedule: Schedule = "two-stage"  # the paper's two stages, or one joint stage
+    schedule: Schedule = "two-stage"  # the paper's two stages, or one stage with one poly decay ("joint")
+    # Where the mirror enters the network (sats.model.network): as an input channel, the plain
+    # mirror ("mirror") or the mirror registered to the CT ("registered"), optionally with their
+    # difference; or feature fusion (each voxel's decoder features beside its mirror partner's).
+    fusion: Fusion = field(default="none", metadata={"option": "--fusion"})
+    fusion_difference: bool = False
+    feature_fusion: bool = False
     # When the preset's spacing is more than 1.5 times finer than the data's median along an
     # axis, use the data's spacing there and a patch covering the same millimetres.
     follow_data: bool = True
@@ -87,6 +94,8 @@ class TrainConfig:
         validate_options(self)
         if not 0.0 <= self.unlabelled_fraction < 1.0:
             raise SatsError(f"unlabelled_fraction must be in [0, 1), not {self.unlabelled_fraction}")
+        if self.fusion_difference and self.fusion == "none":
+            raise SatsError("fusion_difference needs a fusion input (mirror or registered)")
         if self.margin_loss and not self.siamese:
             raise SatsError("the margin loss compares the two branches: it needs siamese=True")
         if self.fold != "all" and (not isinstance(self.fold, int) or not 0 <= self.fold < self.folds):
@@ -167,19 +176,28 @@ def preset(name: str) -> TrainConfig:
 
 
 #: Ablation variants and baselines: the options of :class:`TrainConfig` that make each
-#: (``sats train --variant``, ``sats ablation --variants``). Everything else is shared.
+#: (``sats train --variant``, ``sats ablation --variants``); everything else is shared.
+#: Every arm trains on one schedule, a single polynomial decay over all steps ("joint"),
+#: unless its name says "2stage" or it is the paper's ``sats``: the paper's stage 2 trains
+#: the encoder-decoder at 1/1000 of the rate for the last fifth of the steps.
 VARIANTS: dict[str, dict] = {
-    "unet": {"siamese": False, "projection_head": False, "margin_loss": False},  # CT alone, Dice + BCE
-    "siamese": {"projection_head": False, "margin_loss": False},  # Table 3 row 1
-    "margin-no-head": {"projection_head": False, "margin_loss": True},  # row 2
-    "sats": {},  # row 3: the paper's method
-    "sats-joint": {"schedule": "joint"},  # head and margin loss from the first epoch, one stage
+    # One schedule (the fair comparison, sats ablation's default arms).
+    "unet": {"siamese": False, "projection_head": False, "margin_loss": False, "schedule": "joint"},  # CT alone, Dice + BCE
+    "fusion": {"siamese": False, "projection_head": False, "margin_loss": False, "schedule": "joint", "fusion": "mirror"},
+    "fusion-reg": {"siamese": False, "projection_head": False, "margin_loss": False, "schedule": "joint", "fusion": "registered"},
+    "feature-fusion": {"projection_head": False, "margin_loss": False, "schedule": "joint", "feature_fusion": True},
+    "siamese": {"projection_head": False, "margin_loss": False, "schedule": "joint"},
+    "sats-joint": {"schedule": "joint"},  # head and margin loss from the first step
+    "sats-joint-union": {"schedule": "joint", "asym_region": "union"},  # ... with the margin loss's region s XOR s'
+    # The paper's two stages (Table 3), named so; ``sats`` is the paper's method.
+    "sats": {},
+    "unet-2stage": {"siamese": False, "projection_head": False, "margin_loss": False},
+    "siamese-2stage": {"projection_head": False, "margin_loss": False},  # Table 3 row 1
+    "margin-no-head-2stage": {"projection_head": False, "margin_loss": True},  # row 2
     # Beyond the paper (sats.geometry.asymmetry): the margin loss's region from registration
     # to the mirror instead of the label; and the labelled cases plus unlabelled CTs (--unlabelled).
     "sats-unsup": {"asym_region": "unsupervised"},
     "sats-semi": {},
-    # The same with the margin loss from the first step at the full rate (the paper's stage
-    # 2 trains the encoder-decoder at 1/1000 of it, which leaves little for unlabelled CTs to move).
     "sats-semi-joint": {"schedule": "joint"},
 }
 #: Variants that add unlabelled CTs (``--unlabelled``).

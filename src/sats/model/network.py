@@ -14,11 +14,29 @@ network is the default; ``residual=True`` gives residual blocks.
 
 Tensors are ``(B, C, D, H, W)`` = ``(batch, channels, z, y, x)``; the left-right axis is
 the last one (see :mod:`sats.geometry.symmetry`).
+
+**Where the mirror enters** (:class:`SATsNet`, beyond the paper): every model is given a
+window of the case and, where it needs one, the same window of the mirrored case (every
+channel flipped along x). On the symmetric grid the mirrored case holds, at each voxel, that
+voxel's anatomical mirror partner. The paper's Siamese model runs the encoder-decoder on
+both and compares them only in the margin loss; two options let the mirror act at
+inference too:
+
+* ``fusion`` (early fusion): the mirror is an input channel, ``[I, M(I)]`` ("mirror"), or
+  ``[I, W(M(I))]`` with the mirror deformably registered to the CT first ("registered", the
+  reflective registration of Raina et al., MICCAI BrainLes 2019); ``fusion_difference`` adds
+  ``|I - W(M(I))|``.
+* ``feature_fusion``: the decoder features of the CT branch E and of the mirror branch E'
+  are concatenated voxel by voxel before a 1x1x1 output conv, so the segmentation of each
+  voxel sees the features of its mirror partner (E' at voxel v describes v's partner). A
+  late, feature-level comparison of the two sides in the spirit of DeepSymNet (Barman et
+  al., ISBI 2019) and SEAN (Liang et al., MICCAI 2021), reduced to concatenation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -110,17 +128,17 @@ def plan_network(
 class EncoderDecoder(nn.Module):
     """The shared U-Net. ``forward`` returns ``(logits, E)``.
 
-    Shapes: input ``(B, 1, D, H, W)``; logits ``(B, 1, D, H, W)`` (one sigmoid channel:
+    Shapes: input ``(B, in_channels, D, H, W)``; logits ``(B, 1, D, H, W)`` (one sigmoid channel:
     GTV); E, the last decoder feature map before the 1x1x1 segmentation conv,
     ``(B, features[0], D, H, W)``.
     """
 
-    def __init__(self, plan: NetworkPlan, residual: bool = False) -> None:
+    def __init__(self, plan: NetworkPlan, residual: bool = False, in_channels: int = 1) -> None:
         super().__init__()
         self.plan = plan
         self.unet = DynUNet(
             spatial_dims=3,
-            in_channels=1,
+            in_channels=in_channels,
             out_channels=1,
             kernel_size=[list(k) for k in plan.kernel_sizes],
             strides=[list(s) for s in plan.strides],
@@ -158,37 +176,77 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.layers(e), p=2, dim=1)
 
 
-class SATsNet(nn.Module):
-    """Siamese SATs model: the encoder-decoder applied to a CT patch and its mirrored
-    patch in one batched pass (weights shared), plus the optional projection head.
+Fusion = Literal["none", "mirror", "registered"]
 
-    ``forward(x, x_mirror)`` with both ``(B, 1, D, H, W)`` returns a dict:
-    ``logits`` and ``logits_mirror`` ``(B, 1, D, H, W)``; ``proj`` and ``proj_mirror``
-    ``(B, 16, D, H, W)`` = g(E), g(E') when the head exists, else E and E' themselves
-    (the paper's "no projection head" ablation computes the margin loss on E).
-    ``forward(x, None)`` runs the CT branch alone (the plain U-Net baseline): ``logits``
-    (and ``proj`` with features).
-    At inference only the encoder-decoder is needed: call ``model.encoder_decoder(x)``.
+
+def input_channels(fusion: str, difference: bool = False) -> int:
+    """Channels the encoder-decoder takes: the CT, plus the (registered) mirror, plus their difference."""
+    return 1 + (fusion != "none") + bool(difference)
+
+
+class SATsNet(nn.Module):
+    """The SATs model: the encoder-decoder (weights shared) on a CT window and, where needed,
+    the same window of the mirrored case, in one batched pass; the optional projection head;
+    the fusion options of the module docstring.
+
+    ``forward(x, x_mirror)``: ``x`` ``(B, C, D, H, W)`` holds the case's channels (C = 1, the
+    CT; C = 2 with ``fusion="registered"``: the CT and its registered mirror); ``x_mirror``
+    the same window of the mirrored case (every channel flipped along x: for a window
+    centred on the mid-sagittal plane, ``mirror_lr(x)``). Returns a dict: ``logits``
+    ``(B, 1, D, H, W)``; with ``mirror_pass`` the mirrored case's own ``logits_mirror``; with
+    ``with_features`` ``proj`` (and ``proj_mirror``) = g(E), g(E') where the head exists,
+    else E and E' themselves (the paper's "no projection head" ablation).
+    ``mirror_pass=False`` runs the CT's sample alone (the plain U-Net, early fusion), using
+    ``x_mirror`` only as an input channel where ``fusion="mirror"``. Feature fusion always
+    runs both branches: its logits need E'. ``eager`` calls the encoder-decoder's
+    ``forward`` (a compiled module would recompile for eval mode and new batch sizes).
     """
 
-    def __init__(self, plan: NetworkPlan, residual: bool = False, projection_head: bool = True, head_channels: int = 16) -> None:
+    def __init__(self, plan: NetworkPlan, residual: bool = False, projection_head: bool = True, head_channels: int = 16,
+                 fusion: Fusion = "none", fusion_difference: bool = False, feature_fusion: bool = False) -> None:
         super().__init__()
-        self.encoder_decoder = EncoderDecoder(plan, residual=residual)
-        self.head = ProjectionHead(self.encoder_decoder.feature_channels, head_channels) if projection_head else None
+        self.fusion, self.fusion_difference = fusion, fusion_difference
+        self.encoder_decoder = EncoderDecoder(plan, residual=residual, in_channels=input_channels(fusion, fusion_difference))
+        c = self.encoder_decoder.feature_channels
+        self.head = ProjectionHead(c, head_channels) if projection_head else None
+        self.fuse = nn.Conv3d(2 * c, 1, 1) if feature_fusion else None
 
-    def forward(self, x: torch.Tensor, x_mirror: torch.Tensor | None, with_features: bool = True) -> dict[str, torch.Tensor]:
-        if x_mirror is None:
-            logits, e = self.encoder_decoder(x)
-            out = {"logits": logits}
-            if with_features:
-                out["proj"] = self.head(e) if self.head is not None else e
-            return out
+    @property
+    def needs_mirror(self) -> bool:
+        """Whether even a plain prediction needs the mirrored case's window (x_mirror)."""
+        return self.fusion == "mirror" or self.fuse is not None
+
+    def network_input(self, x: torch.Tensor, x_mirror: torch.Tensor | None) -> torch.Tensor:
+        """The case's channels -> the encoder-decoder's input (see the class docstring)."""
+        if self.fusion == "mirror":
+            if x_mirror is None:
+                raise ValueError("fusion 'mirror' takes the mirrored window as its second channel: give x_mirror")
+            x = torch.cat([x[:, :1], x_mirror[:, :1]], dim=1)
+        if self.fusion_difference:
+            x = torch.cat([x, (x[:, :1] - x[:, 1:2]).abs()], dim=1)
+        return x
+
+    def forward(self, x: torch.Tensor, x_mirror: torch.Tensor | None = None, with_features: bool = True,
+                mirror_pass: bool = True, eager: bool = False) -> dict[str, torch.Tensor]:
+        ed = self.encoder_decoder.forward if eager else self.encoder_decoder
         b = x.shape[0]
-        logits, e = self.encoder_decoder(torch.cat([x, x_mirror], dim=0))
-        out = {"logits": logits[:b], "logits_mirror": logits[b:]}
+        both = x_mirror is not None and (mirror_pass or self.fuse is not None)
+        if self.fuse is not None and not both:
+            raise ValueError("feature fusion compares each voxel with its mirror partner: give x_mirror")
+        inputs = self.network_input(x, x_mirror)
+        if both:
+            inputs = torch.cat([inputs, self.network_input(x_mirror, x)])  # type: ignore[arg-type]
+        logits, e = ed(inputs)
+        if self.fuse is not None:  # each sample's voxels with their partners' features (E' at v: v's partner)
+            logits = torch.cat([self.fuse(torch.cat([e[:b], e[b:]], dim=1)), self.fuse(torch.cat([e[b:], e[:b]], dim=1))])
+        out = {"logits": logits[:b]}
+        if both and mirror_pass:
+            out["logits_mirror"] = logits[b:]
         if with_features:
             proj = self.head(e) if self.head is not None else e
-            out["proj"], out["proj_mirror"] = proj[:b], proj[b:]
+            out["proj"] = proj[:b]
+            if both:
+                out["proj_mirror"] = proj[b:]
         return out
 
 

@@ -29,8 +29,9 @@ from sats.geometry.symmetry import mirror_lr
 
 @dataclass
 class CaseArrays:
-    """One preprocessed training case: ``image`` float32 and ``label`` uint8, (z, y, x),
-    symmetric about the central x plane. ``fg`` lists the voxel indices (n, 3) that
+    """One preprocessed training case: ``image`` float32, (z, y, x) or with channels
+    (C, z, y, x) (the CT and its registered mirror: ``fusion="registered"``), and ``label``
+    uint8 (z, y, x), on a grid symmetric about the central x plane. ``fg`` lists the voxel indices (n, 3) that
     foreground sampling centres on: the tumour, or m_unsup for an unlabelled case.
 
     ``asym`` is the unsupervised asymmetric region m_unsup (:mod:`sats.geometry.asymmetry`), uint8,
@@ -71,11 +72,13 @@ def sample_patch(
     augment: AugmentConfig,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One (image, label, asym) patch of shape ``patch`` (z, y, x), centred in x on the
-    plane; ``asym`` is the same window of ``case.asym`` (None without one).
+    plane; ``asym`` is the same window of ``case.asym`` (None without one). A case image
+    with channels gives a (C, z, y, x) patch, every channel transformed alike (the
+    intensity augmentation draws once for the whole stack, so channels stay comparable).
 
     Regions outside the volume read as the image minimum (air) and label 0.
     """
-    shape = np.array(case.image.shape)
+    shape = np.array(case.label.shape)
     p = np.array(patch)
     centre = np.empty(3)
     if force_foreground and len(case.fg):
@@ -101,15 +104,17 @@ def sample_patch(
     out_centre = (p - 1) / 2
     offset = centre - matrix @ out_centre
     air = float(case.image.min())
+    channels = [case.image] if case.image.ndim == 3 else list(case.image)
     masks = [case.label] + ([case.asym] if case.asym is not None else [])
     if np.allclose(matrix, np.eye(3)):
-        image = _crop(case.image, centre, p, air)
+        channels = [_crop(c, centre, p, air) for c in channels]
         masks = [_crop(m, centre, p, 0) for m in masks]
     else:
-        image = ndimage.affine_transform(case.image, matrix, offset, output_shape=tuple(p), order=1, mode="constant", cval=air)
+        channels = [ndimage.affine_transform(c, matrix, offset, output_shape=tuple(p), order=1, mode="constant",
+                                             cval=air).astype(np.float32) for c in channels]
         masks = [(ndimage.affine_transform(m.astype(np.float32), matrix, offset, output_shape=tuple(p), order=1,
                                            mode="constant", cval=0.0) >= 0.5).astype(np.uint8) for m in masks]
-        image = image.astype(np.float32)
+    image = channels[0] if case.image.ndim == 3 else np.stack(channels)
     if augment.enabled and rng.random() < augment.p_flip:  # along x, the left-right axis
         image, masks = mirror_lr(image), [mirror_lr(m) for m in masks]
     if augment.enabled:

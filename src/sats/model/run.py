@@ -143,7 +143,8 @@ class Run:
     def build_model(self) -> SATsNet:
         """The network of this run, freshly initialised (seeded by the caller)."""
         cfg = self.config.train
-        return SATsNet(self.config.plan, residual=cfg.residual, projection_head=cfg.projection_head, head_channels=cfg.head_channels)
+        return SATsNet(self.config.plan, residual=cfg.residual, projection_head=cfg.projection_head, head_channels=cfg.head_channels,
+                       fusion=cfg.fusion, fusion_difference=cfg.fusion_difference, feature_fusion=cfg.feature_fusion)
 
     def load_model(self, device: torch.device | str = "cpu") -> SATsNet:
         """The trained network from ``model.pt``, on ``device``, in eval mode."""

@@ -32,7 +32,7 @@ from sats.geometry.preprocessing import IntensityStats
 from sats.geometry.symmetry import mirror_lr
 from sats.geometry.volume import SatsError
 from sats.hardware import available_cores, cpu_has_native_bf16, keep_freed_memory
-from sats.model.cache import add_asymmetry_maps, median_spacing, prepare_cases, prepare_unlabelled, unlabelled_inputs, uses_asymmetry_maps
+from sats.model.cache import add_asymmetry_maps, add_registered_mirrors, median_spacing, prepare_cases, prepare_unlabelled, unlabelled_inputs, uses_asymmetry_maps
 from sats.model.config import TrainConfig, fit_to_data
 from sats.model.losses import SegmentationLoss, asymmetric_mask, margin_loss
 from sats.model.network import SATsNet, count_parameters, plan_network, to_preferred_layout
@@ -95,7 +95,8 @@ class PatchStream(torch.utils.data.IterableDataset):
                 m = asym
             else:
                 m = asymmetric_mask(torch.from_numpy(label), region=self.cfg.asym_region).numpy().astype(np.uint8)  # type: ignore[arg-type]
-            yield torch.from_numpy(image[None]), torch.from_numpy(label[None]), torch.from_numpy(m[None]), case.labelled
+            channels = image[None] if image.ndim == 3 else image  # (C, z, y, x)
+            yield torch.from_numpy(channels), torch.from_numpy(label[None]), torch.from_numpy(m[None]), case.labelled
 
 
 # --- one step -------------------------------------------------------------------------------
@@ -112,11 +113,11 @@ def validate(model: SATsNet, cases: list[CaseArrays], cfg: TrainConfig, device: 
     model.eval()
     dices = []
     for case in cases:
-        # .forward, not the module: a compiled module would recompile for eval mode and the
-        # window batch sizes of validation (minutes each on a GPU).
+        # eager: a compiled module would recompile for eval mode and the window batch sizes
+        # of validation (minutes each on a GPU).
         prob, _ = sliding_window_probabilities(
-            model.encoder_decoder.forward, np.asarray(case.image), cfg.patch_size, overlap=cfg.val_overlap, device=device,
-            precision="auto" if cfg.amp else "fp32",  # bf16 on CPUs with native bf16; fp32 on CUDA, faster there
+            model, np.asarray(case.image), cfg.patch_size, overlap=cfg.val_overlap, device=device,
+            precision="auto" if cfg.amp else "fp32", eager=True,  # bf16 on CPUs with native bf16; fp32 on CUDA, faster there
         )
         dices.append(dice(prob >= 0.5, case.label) / 100.0)
     model.train()
@@ -166,11 +167,12 @@ def train_step(
     m: torch.Tensor | None = None,
     labelled: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One optimiser step on a batch: CT patches ``x`` and labels ``s``, (B, 1, D, H, W).
+    """One optimiser step on a batch: patches ``x`` (B, C, D, H, W) (C = 1, the CT; 2 with a
+    registered mirror) and labels ``s`` (B, 1, D, H, W).
 
     Siamese: Dice + BCE on both branches (the mirror's label is the mirrored label), plus
     ``beta`` times the margin loss where the stage has it. Not siamese (the U-Net
-    baseline): Dice + BCE on the CT alone. Gradients are clipped to ``cfg.grad_clip``.
+    baseline, early fusion): Dice + BCE on the CT's sample alone. Gradients are clipped to ``cfg.grad_clip``.
     ``m`` (B, 1, D, H, W) is the margin loss's asymmetric region (default: from ``s`` by
     ``cfg.asym_region``); ``labelled`` (B,) bool marks the patches that have a label:
     the others (unlabelled CTs) enter the margin loss only.
@@ -179,12 +181,14 @@ def train_step(
     """
     model = net.module if isinstance(net, DistributedDataParallel) else net
     with_margin = cfg.has_margin(stage)
+    # Patches are centred on the mid-sagittal plane, so the flipped patch is the mirrored
+    # case's window (every channel flipped along x, the left-right axis).
+    x_mirror = mirror_lr(x) if cfg.siamese or model.needs_mirror else None
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        outputs = net(x, x_mirror, with_features=with_margin, mirror_pass=cfg.siamese)
         if cfg.siamese:
-            outputs = net(x, mirror_lr(x), with_features=with_margin)
             logits, target = torch.cat([outputs["logits"], outputs["logits_mirror"]]), torch.cat([s, mirror_lr(s)])
         else:
-            outputs = net(x, None, with_features=False)
             logits, target = outputs["logits"], s
     if labelled is not None and not bool(labelled.all()):
         keep = torch.cat([labelled, labelled]) if cfg.siamese else labelled
@@ -385,7 +389,9 @@ def load_cases(dataset: Path, out: Path, cfg: TrainConfig, cache: Path | None, e
         unlabelled_items = []
 
     def asymmetry_inputs(console: Console | None) -> list[CaseArrays]:
-        """m_unsup of the labelled cases where the run uses it, and the unlabelled CTs."""
+        """The registered mirrors and m_unsup of the labelled cases where the run uses them, and the unlabelled CTs."""
+        if cfg.fusion == "registered":
+            add_registered_mirrors(dataset, cache, arrays, cfg, stats, console)
         if uses_asymmetry_maps(cfg):
             add_asymmetry_maps(dataset, cache, arrays, cfg, console)
         return prepare_unlabelled(unlabelled_items, cache / "unlabelled", cfg, stats, console) if unlabelled_items else []
@@ -449,7 +455,9 @@ def run_epoch(model: SATsNet, state: LoopState, cases: Cases, cfg: TrainConfig, 
         if state.checkpoint is not None and str(state.checkpoint["stage"]) == st:
             state.optimizer.load_state_dict(state.checkpoint["optimizer"])
         state.checkpoint = None
-        state.net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.distributed else model
+        # Feature fusion leaves the encoder-decoder's own output conv unused: DDP must be told.
+        state.net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                            find_unused_parameters=cfg.feature_fusion) if env.distributed else model
         state.stage = st
     assert state.optimizer is not None and state.net is not None
     e0, n_ep = stage_epochs(cfg, epoch)

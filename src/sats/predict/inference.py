@@ -105,51 +105,57 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def sliding_window_probabilities(
-    predictor: Callable[[torch.Tensor], torch.Tensor],
+    model: SATsNet,
     image: np.ndarray,
     patch_size: tuple[int, int, int],
     overlap: float = 0.5,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     tta: bool = False,
-    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    asymmetry: bool = False,
     on_window: Callable[[], None] | None = None,
+    eager: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Tumour probabilities (and optionally the asymmetry map) for a preprocessed image.
+    """Tumour probabilities (and optionally the asymmetry map) for a preprocessed case.
 
-    Windows are accumulated in float32 (MONAI's ``sliding_window_inference``) on the CPU,
-    or on the GPU when ``device`` is one (no copy back per window); memory grows with the
-    image, not with the number of windows.
+    The case and its mirror (every channel flipped along x, the left-right axis) are windowed
+    side by side as the channels of one image, so window w of the mirror holds, voxel for
+    voxel, the anatomical mirror partners of window w of the case: what the Siamese branch,
+    mirror TTA, the asymmetry map and the fusion models need (:class:`sats.model.network.SATsNet`).
+    The case must be a box symmetric about the mid-sagittal plane (the symmetric grid or a
+    :class:`sats.geometry.grid.Roi` of it). Windows are accumulated in float32 (MONAI's
+    ``sliding_window_inference``) on the CPU, or on the GPU when ``device`` is one.
 
     Args:
-        predictor: maps ``(N, 1, D, H, W)`` to ``(logits (N, 1, D, H, W), E (N, C, D, H, W))``.
-        image: normalised image (z, y, x) on the symmetric grid.
-        tta: average with the prediction of the left-right mirror, flipped back.
-        head: the projection head g; when given, also return ``||g(E) - g(E')||`` per voxel.
+        model: the network; called as ``model(x, x_mirror, ...)``.
+        image: the case on the symmetric grid, (z, y, x) or with channels (C, z, y, x)
+            (:attr:`sats.geometry.preprocessing.Preprocessed.channels`).
+        tta: average with the prediction of the mirrored case, flipped back.
+        asymmetry: also return ``||g(E) - g(E')||`` per voxel (the model needs its projection head).
         on_window: called after each window (progress reporting).
+        eager: call the encoder-decoder uncompiled (validation of a compiled model).
     Returns:
-        ``(probabilities, asymmetry)``, float32 arrays (z, y, x); asymmetry is None without ``head``.
+        ``(probabilities, asymmetry)``, float32 arrays (z, y, x); asymmetry is None unless asked.
     """
     device = torch.device(device)
-    x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None]  # a writable copy
-    siamese = tta or head is not None
-    if siamese:
-        x = torch.cat([x, mirror_lr(x)], dim=1)  # channel 1: the mirror, windowed alongside
+    channels = image[None] if image.ndim == 3 else image
+    x = torch.from_numpy(np.array(channels, dtype=np.float32))[None]  # (1, C, z, y, x), a writable copy
+    c = x.shape[1]
+    mirror_pass = tta or asymmetry
+    with_mirror = mirror_pass or model.needs_mirror
+    if with_mirror:
+        x = torch.cat([x, mirror_lr(x)], dim=1)  # channels c..2c-1: the mirror, windowed alongside
 
     def windows(batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(device)
-        n = batch.shape[0]
         with autocast(device, precision):
-            inp = torch.cat([batch[:, :1], batch[:, 1:]], dim=0) if siamese else batch
-            logits, e = predictor(inp)
-            outputs = [logits[:n]]
-            if siamese:
-                outputs.append(logits[n:])
-            if head is not None:
-                g = head(e)
-                outputs.append((g[:n] - g[n:]).float().norm(dim=1, keepdim=True))
+            out = model(batch[:, :c], batch[:, c:] if with_mirror else None, with_features=asymmetry,
+                        mirror_pass=mirror_pass, eager=eager)
+            outputs = [out["logits"]] + ([out["logits_mirror"]] if tta else [])
+            if asymmetry:
+                outputs.append((out["proj"] - out["proj_mirror"]).float().norm(dim=1, keepdim=True))
         if on_window is not None:
-            for _ in range(n):
+            for _ in range(batch.shape[0]):
                 on_window()
         return torch.cat(outputs, dim=1).float()
 
@@ -157,13 +163,13 @@ def sliding_window_probabilities(
     batch = int(np.clip(2_000_000 // int(np.prod(patch_size)), 1, 16))
     out = sliding_window_inference(
         x, roi_size=patch_size, sw_batch_size=batch, predictor=windows, overlap=overlap,
-        mode="gaussian", sigma_scale=0.125, padding_mode="constant", cval=float(image.min()),
+        mode="gaussian", sigma_scale=0.125, padding_mode="constant", cval=float(channels.min()),
         sw_device=device, device=device if device.type == "cuda" else torch.device("cpu"),
     )[0]
     prob = torch.sigmoid(out[0])
     if tta:
         prob = (prob + mirror_lr(torch.sigmoid(out[1]))) / 2
-    asym = out[2].cpu().numpy() if head is not None else None
+    asym = out[-1].cpu().numpy() if asymmetry else None
     return prob.cpu().numpy().astype(np.float32), asym
 
 
@@ -200,7 +206,8 @@ class LoadedRun:
         """The run's preprocessing: its alignment (self, atlas or none; an unreliable plane is
         refused), spacing and normalisation, on the model's device."""
         train = self.config.train
-        return Preprocessor(self.spacing, self.stats, PlaneSettings.of(train.align, train.atlas), str(self.device))
+        return Preprocessor(self.spacing, self.stats, PlaneSettings.of(train.align, train.atlas), str(self.device),
+                            registered_mirror=train.fusion == "registered")
 
 
 def load_run(run: Path, device: torch.device | str = "cpu") -> LoadedRun:
@@ -252,10 +259,9 @@ def predict_case(
         raise SatsError("--asymmetry-map needs a model trained with the projection head")
     pre = pre or run.preprocessor(ct)
     roi = region or roi_for(run, ct, pre, opt)
-    model = run.model
     prob, asym = sliding_window_probabilities(
-        model.encoder_decoder, pre.image[roi.slices], run.patch_size, overlap=opt.overlap, device=opt.device,
-        precision=opt.precision, tta=opt.tta, head=model.head if opt.asymmetry_map else None, on_window=on_window,
+        run.model, pre.channels[(slice(None), *roi.slices)], run.patch_size, overlap=opt.overlap, device=opt.device,
+        precision=opt.precision, tta=opt.tta, asymmetry=opt.asymmetry_map, on_window=on_window,
     )
     # Outside the ROI every map is 0: resample only the part of the input grid it covers.
     box = native_box(roi, pre.grid, ct)

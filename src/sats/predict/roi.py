@@ -129,7 +129,8 @@ def fit_localiser(cases: list, spacing: tuple[float, float, float], seed: int = 
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    data = [(to_coarse(c.image, spacing), to_coarse(c.label, spacing, is_label=True)) for c in cases]
+    ct = [np.asarray(c.image)[0] if np.ndim(c.image) == 4 else c.image for c in cases]  # the CT channel
+    data = [(to_coarse(image, spacing), to_coarse(c.label, spacing, is_label=True)) for image, c in zip(ct, cases)]
     data = [(x, y) for x, y in data if y.any()]
     if not data:
         raise SatsError("no labelled case to train the localiser on")
