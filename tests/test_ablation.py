@@ -326,13 +326,18 @@ def test_two_processes_share_a_study_by_claiming_runs(tmp_path, monkeypatch):
         (run / "model.pt").write_bytes(b"")
 
     def fake_scores(run, dataset, planes, console, device):
-        return [{"case": "case_004", "dsc": 50.0 + len(run.name), "hd95": 3.0, "asd": 1.0, "nsd": 60.0}]
+        rows = [{"case": "case_004", "dsc": 50.0 + len(run.name), "hd95": 3.0, "asd": 1.0, "nsd": 60.0}]
+        ablation._write_rows(run / "metrics.csv", rows, ("case", *ablation.METRICS))
+        return rows
 
     monkeypatch.setattr(training, "train", fake_train)
     monkeypatch.setattr(ablation, "_predict_and_score", fake_scores)
     monkeypatch.setattr(ablation, "_test_planes", lambda *a: {})
     held = out / "runs" / "sats-s0"
     held.mkdir(parents=True)
+    earlier = out / "runs" / "unet-s7"  # a run an earlier invocation (other seeds) finished
+    earlier.mkdir()
+    fake_scores(earlier, data, {}, None, None)
     got, release = threading.Event(), threading.Event()
 
     def other_process():  # flock conflicts between two opens, in one process too
@@ -353,7 +358,8 @@ def test_two_processes_share_a_study_by_claiming_runs(tmp_path, monkeypatch):
     assert sorted(trained) == ["sats-s1", "unet-s0", "unet-s1"]  # not the run the other one held
     assert "sats-s0: taken by another" in console.export_text()
     with open(out / "cases.csv") as fh:
-        assert {(r["variant"], r["seed"]) for r in csv.DictReader(fh)} == {("unet", "0"), ("unet", "1"), ("sats", "0"), ("sats", "1")}
+        got = {(r["variant"], r["seed"]) for r in csv.DictReader(fh)}
+    assert got == {("unet", "0"), ("unet", "1"), ("sats", "0"), ("sats", "1"), ("unet", "7")}  # the study's every run
 
 
 def test_semi_and_unsup_variants_are_also_paired_against_sats(tmp_path):

@@ -537,7 +537,6 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
     write_text_atomic(stored, json.dumps(asdict(settings), indent=2))
 
     runs = [(v, s) for s in settings.seeds for v in settings.variants]  # seed-major: early results cover every variant
-    rows: list[dict] = []
     planes = None
     spent: list[float] = []
     # Several `sats ablation` processes (or machines sharing the folder) may work on one
@@ -562,9 +561,8 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
                           console=console)
                 if planes is None:
                     planes = _test_planes(dataset, out, variant_config(settings, variant, seed).align, console)
-                for r in _predict_and_score(run, dataset, planes, console, device):
-                    rows.append({"variant": variant, "seed": seed, **{k: r[k] for k in ("case", *METRICS)}})
-            summary = write_outputs(out, settings, rows)
+                _predict_and_score(run, dataset, planes, console, device)
+            summary = write_outputs(out, settings, study_rows(out))
             took = time.time() - t0
             if took > 60:
                 spent.append(took)
@@ -574,4 +572,14 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
                           f"{took / 60:.1f} min" + (f", about {left / 60:.0f} min left" if spent and i < len(runs) else ""),
                           highlight=False)
         todo, busy = busy, []
-    return summarize_rows(rows)
+    return summarize_rows(study_rows(out))
+
+
+def study_rows(out: Path) -> list[dict]:
+    """Every scored run of the study folder (``runs/{variant}-s{seed}/metrics.csv``), whichever
+    invocation ran it: a study may grow its variants and seeds, and its summary covers them all."""
+    rows = []
+    for scores in sorted(Path(out).glob("runs/*/metrics.csv")):
+        variant, seed = scores.parent.name.rsplit("-s", 1)
+        rows += [{"variant": variant, "seed": int(seed), **{k: r[k] for k in ("case", *METRICS)}} for r in _read_rows(scores)]
+    return rows
