@@ -223,3 +223,158 @@ def test_written_files_get_the_usual_permissions(tmp_path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+# --- damaged headers and data: refused, naming the file and the problem ---------------------------
+
+
+@pytest.mark.parametrize("offset, fmt, values, message", [
+    (88, "f", (0.0,), r"pixdim\[3\] = 0\.0"),  # SimpleITK: 1 mm
+    (80, "f", (-0.8,), r"pixdim\[1\] = -0\.8"),  # SimpleITK: a flipped axis
+    (44, "h", (0,), r"dim\[2\] = 0"),  # SimpleITK: 1
+    (108, "f", (0.0,), "vox_offset 0.0"),  # SimpleITK: voxels from byte 348
+    (344, "4s", (b"n+2\0",), "magic"),  # SimpleITK: an Analyze file at origin 0
+    (70, "h", (32,), "datatype 32"),  # complex: SimpleITK reads past the end
+    (252, "2h", (0, 0), "qform_code 0 and sform_code 0: no orientation"),  # SimpleITK: origin 0, identity
+], ids=["pixdim-0", "pixdim-negative", "dim-0", "vox_offset-0", "magic", "datatype-complex", "no-xform"])
+def test_damaged_nifti_header_field_is_refused(tmp_path, offset: int, fmt: str, values: tuple, message: str) -> None:
+    import struct
+
+    path = tmp_path / "ct.nii.gz"
+    raw = bytearray(gzip.decompress(write_image(ct_volume(), path).read_bytes()))
+    struct.pack_into("<" + fmt, raw, offset, *values)
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(SatsError, match=rf"ct\.nii\.gz: damaged NIfTI header \({message}") as info:
+        read_image(path)
+    assert "\n" not in str(info.value)
+
+
+def test_scaled_nifti_is_read_with_its_scaling(tmp_path) -> None:
+    """scl_slope/scl_inter apply (SimpleITK then gives float32): no false "truncated"."""
+    import struct
+
+    ct = ct_volume()
+    for suffix in (".nii", ".nii.gz"):
+        path = write_image(ct, tmp_path / f"s{suffix}")
+        raw = bytearray(gzip.decompress(path.read_bytes()) if suffix == ".nii.gz" else path.read_bytes())
+        struct.pack_into("<2f", raw, 112, 2.0, -5.0)
+        path.write_bytes(gzip.compress(bytes(raw)) if suffix == ".nii.gz" else bytes(raw))
+        back = read_image(path)
+        np.testing.assert_array_equal(back.array, ct.array.astype(np.float64) * 2 - 5)
+        assert back.same_geometry(ct, tol_mm=1e-4) is None
+
+
+def test_corrupt_nifti_gz_payload_is_refused(tmp_path) -> None:
+    big = Volume(np.random.default_rng(0).normal(0, 300, (20, 64, 64)).astype(np.int16))
+    path = write_image(big, tmp_path / "ct.nii.gz")
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SatsError, match=r"ct\.nii\.gz: corrupt compressed data"):
+        read_image(path)
+
+
+def _mha_payload_start(raw: bytes) -> int:
+    return raw.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
+
+
+def test_corrupt_mha_payload_is_refused(tmp_path) -> None:
+    """SimpleITK reads this one without a word, with some 40000 wrong voxels."""
+    big = Volume(np.random.default_rng(0).normal(0, 300, (20, 64, 64)).astype(np.int16))
+    path = write_image(big, tmp_path / "ct.mha")
+    raw = bytearray(path.read_bytes())
+    start = _mha_payload_start(bytes(raw))
+    raw[(start + len(raw)) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SatsError, match=r"ct\.mha: corrupt compressed data \(incorrect data check\)"):
+        read_image(path)
+
+
+def test_mha_with_a_damaged_zlib_header_is_refused_at_once(tmp_path) -> None:
+    """Regression: a zlib header asking for a preset dictionary made SimpleITK loop forever.
+    Read in a child process, so that a regression fails here instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    path = write_image(ct_volume(), tmp_path / "ct.mha")
+    raw = bytearray(path.read_bytes())
+    raw[_mha_payload_start(bytes(raw)) + 1] = 0x20  # FLG: FDICT set, check bits still valid (0x7820 % 31 == 0)
+    path.write_bytes(bytes(raw))
+    code = ("import sys\nfrom sats.data.io import read_image\nfrom sats.geometry.volume import SatsError\n"
+            "try:\n    read_image(sys.argv[1])\nexcept SatsError as exc:\n    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{path}: corrupt compressed data (the zlib header asks for a preset dictionary)"
+
+
+@pytest.mark.parametrize("old, new, message", [
+    (b"CompressedDataSize = ", b"CompressedDataSizeX = ", "CompressedDataSize = '.missing.'"),  # SimpleITK: first voxels garbage
+    (b"DimSize = 20 16 9", b"DimSize = 20 16 9x", "DimSize = '20 16 9x'"),  # SimpleITK: 20 16 9
+    (b"BinaryDataByteOrderMSB = False", b"BinaryDataByteOrderMSB = Tru", "BinaryDataByteOrderMSB = 'Tru'"),  # byte-swapped
+    (b"Offset = -100 -80.5 40", b"Offset = -100 -80.5", "Offset = '-100 -80.5'"),
+], ids=["no-CompressedDataSize", "DimSize-garbled", "ByteOrderMSB-garbled", "Offset-2-numbers"])
+def test_damaged_mha_header_field_is_refused(tmp_path, old: bytes, new: bytes, message: str) -> None:
+    path = write_image(ct_volume(), tmp_path / "ct.mha")
+    raw = path.read_bytes()
+    assert raw.count(old) == 1
+    path.write_bytes(raw.replace(old, new))
+    with pytest.raises(SatsError, match=rf"ct\.mha: damaged MetaImage header \({message}"):
+        read_image(path)
+
+
+def test_nrrd_with_a_partly_numeric_origin_is_refused(tmp_path) -> None:
+    path = write_image(ct_volume(), tmp_path / "ct.nrrd")
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b"space origin: (-100,-80.5,40)", b"space origin: (-100,-80.5A,40)"))
+    with pytest.raises(SatsError, match=r"ct\.nrrd: damaged NRRD header \(space origin: "):
+        read_image(path)
+
+
+def _damage_slices(paths, **changes) -> None:
+    """Set (value) or remove (None) attributes in every slice."""
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        for keyword, value in changes.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(p)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"PixelSpacing": None}, r"truncated or damaged CT slice \(no PixelSpacing\)"),  # was read as 1 mm
+    ({"RescaleSlope": None}, r"truncated or damaged CT slice \(no RescaleSlope\)"),  # was read as 1
+    ({"RescaleIntercept": ""}, r"damaged CT slice \(RescaleSlope and RescaleIntercept must be numbers"),  # was 0
+    ({"RescaleSlope": "0"}, r"damaged CT slice \(RescaleSlope and RescaleIntercept must be numbers"),  # was 1
+    ({"Columns": 19}, r"damaged CT slice \(pixel data of 360 bytes, 342 needed for 9 x 19"),  # was read as 9 x 19
+    ({"BitsAllocated": 8, "BitsStored": 8, "HighBit": 7}, r"damaged CT slice \(pixel data of 360 bytes, 180 needed"),
+    ({"PhotometricInterpretation": "MONOCHROMX"}, r"damaged CT slice \(.*not a grey-scale image"),  # was read inverted
+], ids=["no-PixelSpacing", "no-RescaleSlope", "empty-RescaleIntercept", "RescaleSlope-0", "Columns-shrunk",
+        "BitsAllocated-8", "PhotometricInterpretation"])
+def test_damaged_dicom_ct_attribute_is_refused(tmp_path, changes: dict, message: str) -> None:
+    paths = write_ct_series(Volume(ct_volume().array[:3, :9]), tmp_path / "ct")
+    _damage_slices(paths, **changes)
+    with pytest.raises(SatsError, match=rf"IM0001\.dcm: {message}"):
+        read_dicom_series(tmp_path / "ct")
+
+
+@pytest.mark.parametrize("value", [None, "CLOSED_PLANAX"])
+def test_rtstruct_contour_without_a_valid_geometric_type_is_refused(tmp_path, value) -> None:
+    """ContourGeometricType is type 1: missing or unknown must not make the ROI silently empty."""
+    from sats.predict.export import read_rtstruct_roi, write_rtstruct
+
+    ct = ct_volume()
+    write_ct_series(ct, tmp_path / "ct")
+    mask = np.zeros(ct.shape, np.uint8)
+    mask[2:5, 4:10, 5:12] = 1
+    write_rtstruct(read_dicom_series(tmp_path / "ct").with_array(mask), tmp_path / "ct", tmp_path / "RS.dcm")
+    ds = pydicom.dcmread(tmp_path / "RS.dcm")
+    for item in ds.ROIContourSequence[0].ContourSequence:
+        if value is None:
+            del item.ContourGeometricType
+        else:
+            item.ContourGeometricType = value
+    ds.save_as(tmp_path / "RS.dcm")
+    with pytest.raises(SatsError, match=r"RS\.dcm: a contour of 'GTVp' has no valid ContourGeometricType"):
+        read_rtstruct_roi(tmp_path / "RS.dcm", tmp_path / "ct", "GTVp")

@@ -12,6 +12,7 @@ tilt and mixed orientations.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,11 @@ from sats.geometry.volume import SatsError, Volume, itk_reason
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 #: Relative deviation of one slice gap from the median gap that counts as uneven.
 SPACING_TOLERANCE = 0.05
+#: Type 1 attributes of a CT image (CT Image, Image Plane and Image Pixel modules) the reading
+#: depends on: a slice without one was cut short or damaged, and no default may stand in.
+CT_REQUIRED = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "PixelData",
+               "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation",
+               "RescaleSlope", "RescaleIntercept")
 
 
 @dataclass
@@ -82,18 +88,18 @@ def scan_folder(folder: Path) -> dict[str, DicomSeries]:
             if (not sop_classes or "TransferSyntaxUID" not in meta
                     or (group_length is not None and path.stat().st_size < 144 + int(group_length))):
                 raise SatsError(f"{path}: truncated or damaged DICOM file (incomplete file meta information)")
-        if CT_IMAGE_STORAGE in sop_classes:
-            # Type 1 in a CT image: a slice without them was cut short or damaged.
-            missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns", "PixelData") if k not in ds]
+        is_ct = CT_IMAGE_STORAGE in sop_classes
+        if is_ct:
+            missing = [k for k in CT_REQUIRED if k not in ds]
             if missing:
                 raise SatsError(f"{path}: truncated or damaged CT slice (no {', '.join(missing)})")
-            short = _short_pixel_data(ds)
-            if short:
-                raise SatsError(f"{path}: damaged CT slice ({short})")
+            problem = _ct_pixel_problem(ds)
+            if problem:
+                raise SatsError(f"{path}: damaged CT slice ({problem})")
         entry = series.setdefault(uid, DicomSeries(uid, modality, description, []))
         if not is_slice:
             continue  # not an image slice (RTSTRUCT, SR, ...)
-        entry.slices.append(_slice_header(ds, path))
+        entry.slices.append(_slice_header(ds, path, is_ct))
     return series
 
 
@@ -112,23 +118,59 @@ def truncated_element(ds: pydicom.Dataset, path: Path) -> str | None:
     return None
 
 
-def _short_pixel_data(ds: pydicom.Dataset) -> str | None:
-    """Why the (uncompressed) pixel data cannot fill Rows x Columns, or None. A file can be
-    well-formed with a PixelData element that is too short; GDCM would decode it anyway."""
+def _ct_pixel_problem(ds: pydicom.Dataset) -> str | None:
+    """Why the pixel data of a CT slice cannot be decoded as its header says, or None.
+
+    GDCM decodes a garbled PhotometricInterpretation as inverted values, and pixel data of
+    another length than Rows x Columns x BitsAllocated (a damaged size or bit depth) as
+    something: the Image Pixel attributes are checked against the CT Image module's values
+    and the (uncompressed) pixel data must have exactly the length they give.
+    """
+    samples, bits, stored, sign = (_integer(ds, k) for k in ("SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation"))
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return f"SamplesPerPixel {samples} and PhotometricInterpretation {photometric[:20]!r}: not a grey-scale image"
+    if bits not in (8, 16, 32) or stored is None or not 1 <= stored <= bits or sign not in (0, 1):
+        return f"BitsAllocated {bits}, BitsStored {stored}, PixelRepresentation {sign}: not a valid pixel encoding"
     ts = (ds.get("file_meta") or {}).get("TransferSyntaxUID")
     try:
         if ts is None or pydicom.uid.UID(str(ts)).is_compressed:
-            return None
+            return None  # encapsulated: the codec knows the length
     except ValueError:  # not a transfer syntax at all: GDCM will refuse the file, with its reason
         return None
+    rows, columns = _integer(ds, "Rows"), _integer(ds, "Columns")
+    if rows is None or columns is None or rows < 1 or columns < 1:
+        return None  # _slice_header reports bad geometry
+    need = rows * columns * bits // 8
     try:
-        need = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.get("BitsAllocated", 16) or 16) // 8
         elem = ds.get_item(0x7FE00010, keep_deferred=True)
         have = getattr(elem, "length", None)  # raw: its length, the value unread
         have = int(have) if have is not None else len(elem.value or b"")  # already converted
     except (AttributeError, TypeError, ValueError, KeyError):
-        return None  # _slice_header reports bad geometry
-    return None if have >= need else f"pixel data of {have} bytes, {need} needed for {int(ds.Rows)} x {int(ds.Columns)} pixels"
+        return None
+    if have == need + need % 2:  # an odd length is padded to even
+        return None
+    return f"pixel data of {have} bytes, {need} needed for {rows} x {columns} pixels of {bits} bits"
+
+
+def _integer(ds: pydicom.Dataset, keyword: str) -> int | None:
+    """A single whole-number value of ``keyword``; None if missing, empty or garbage."""
+    try:
+        value = ds.get(keyword)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    except (AttributeError, TypeError, ValueError, OverflowError, KeyError, IndexError, struct.error):
+        return None
+
+
+def _decimals(ds: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+    """``count`` finite numbers of a (DS) value; None if missing, empty, another count or garbage."""
+    try:
+        value = ds.get(keyword)
+        values = [value] if isinstance(value, (str, bytes, int, float)) or value is None else list(value)
+        numbers = tuple(float(v) for v in values)
+    except (AttributeError, TypeError, ValueError, OverflowError, KeyError, IndexError, struct.error):
+        return None
+    return numbers if len(numbers) == count and all(math.isfinite(v) for v in numbers) else None
 
 
 def _reason(exc: Exception) -> str:
@@ -146,18 +188,25 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
-def _slice_header(ds: pydicom.Dataset, path: Path) -> DicomSlice:
-    """The geometry of one image slice, checked: numbers where numbers belong."""
+def _slice_header(ds: pydicom.Dataset, path: Path, is_ct: bool = False) -> DicomSlice:
+    """The geometry of one image slice, checked: numbers where numbers belong.
+
+    PixelSpacing (Image Plane module) and, in a CT image, RescaleSlope and RescaleIntercept
+    are Type 1: missing, empty or garbage is an error, never 1 mm or slope 1."""
+    spacing = _decimals(ds, "PixelSpacing", 2)
+    rescale = _ct_rescale(ds, path) if is_ct else None
     try:
+        if rescale is None:  # optional outside a CT image: absent means the stored values as they are
+            rescale = (float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0))
         s = DicomSlice(
             path=path,
             position=np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64),
             orientation=np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64),
-            pixel_spacing=tuple(float(v) for v in ds.get("PixelSpacing", (1.0, 1.0))),  # type: ignore[arg-type]
+            pixel_spacing=spacing or (math.nan, math.nan),
             shape=(int(ds.Rows), int(ds.Columns)),
             sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
             sop_class_uid=str(ds.get("SOPClassUID", "")),
-            rescale=(float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)),
+            rescale=rescale,
         )
     except (AttributeError, TypeError, ValueError, OverflowError, KeyError, IndexError) as exc:
         raise SatsError(f"{path}: invalid or missing slice geometry ({_reason(exc)})") from None
@@ -177,6 +226,14 @@ def _slice_header(ds: pydicom.Dataset, path: Path) -> DicomSlice:
     if problem:
         raise SatsError(f"{path}: invalid slice geometry: {problem}")
     return s
+
+
+def _ct_rescale(ds: pydicom.Dataset, path: Path) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a CT image: HU = stored * slope + intercept."""
+    slope, intercept = _decimals(ds, "RescaleSlope", 1), _decimals(ds, "RescaleIntercept", 1)
+    if slope is None or slope[0] == 0 or intercept is None:
+        raise SatsError(f"{path}: damaged CT slice (RescaleSlope and RescaleIntercept must be numbers, the slope not 0)")
+    return slope[0], intercept[0]
 
 
 def choose_ct_series(folder: Path, series_uid: str | None = None) -> DicomSeries:

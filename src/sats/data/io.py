@@ -8,20 +8,17 @@ Every reader returns a :class:`sats.geometry.volume.Volume` (array ``(z, y, x)``
 from __future__ import annotations
 
 import contextlib
-import gzip
-import math
 import os
-import struct
 import sys
 import tempfile
 import threading
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from sats.data.headers import check_header, check_voxel_data
 from sats.geometry.volume import SatsError, Volume, from_sitk, itk_reason, to_sitk
 
 __all__ = ["SatsError", "Volume", "atomic_path", "collect_inputs", "from_sitk", "read_image", "to_sitk", "write_image", "write_text_atomic"]
@@ -53,9 +50,13 @@ def case_id(path: str | os.PathLike) -> str:
 def read_image(path: str | os.PathLike) -> Volume:
     """Read a 3D image file (NIfTI, NRRD, MHA/MHD) or a DICOM CT series folder.
 
+    The header is checked here before SimpleITK sees the file: SimpleITK reads many damaged
+    headers without a word (a size or voxel size of 0 as 1, a damaged number partly parsed)
+    and some damaged compressed data as a few wrong voxels, or never returns.
+
     Raises:
         SatsError: naming the file and the problem (missing, unreadable, truncated,
-            not 3D, ...).
+            damaged header field, corrupt compressed data, not 3D, ...).
     """
     path = Path(path)
     if not path.exists():
@@ -67,22 +68,17 @@ def read_image(path: str | os.PathLike) -> Volume:
     if not path.name.lower().endswith(IMAGE_SUFFIXES):
         raise SatsError(f"{path}: not a supported image (expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder)")
     try:
-        if path.name.lower().endswith((".mha", ".mhd")):
-            _check_metaimage_ndims(path)
-        elif path.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_geometry(path)
+        layout = check_header(path)
+        if layout is not None:
+            check_voxel_data(path, layout)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
-        with quiet_c_stderr():
-            reader.ReadImageInformation()
-        if path.name.lower().endswith(".gz"):
-            _check_gzip_complete(path, reader)
-        else:
-            _check_data_size(path, reader)
         with quiet_c_stderr():
             image = reader.Execute()
     except SatsError:
         raise
+    except OSError as exc:  # the checks read the file themselves
+        raise SatsError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (RuntimeError, OverflowError, ValueError, MemoryError) as exc:
         raise SatsError(f"{path}: unreadable image ({itk_reason(exc)})") from None
     try:
@@ -99,100 +95,14 @@ def read_spacing(path: str | os.PathLike) -> tuple[float, float, float]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
-    except RuntimeError:
+        check_header(path)  # a damaged voxel size must not become 1 mm here either
+        with quiet_c_stderr():
+            reader.ReadImageInformation()
+    except (RuntimeError, SatsError):
         return read_image(path).spacing  # raises a clean SatsError naming the file
     if reader.GetDimension() != 3:
         return read_image(path).spacing
     return tuple(float(v) for v in reader.GetSpacing()[::-1])  # type: ignore[return-value]
-
-
-def _check_gzip_complete(path: Path, reader: sitk.ImageFileReader) -> None:
-    """SimpleITK zero-fills a truncated .nii.gz silently; decompress it fully to catch that."""
-    n_bytes = 0
-    try:
-        with gzip.open(path, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                n_bytes += len(chunk)
-    except (EOFError, OSError, zlib.error) as exc:
-        raise SatsError(f"{path}: truncated or corrupt gzip data ({exc})") from None
-    # A NIfTI-1 header is at least 348 bytes, followed by the voxel data.
-    needed = _voxel_offset(reader, 348) + _data_bytes(reader)
-    if n_bytes < needed:
-        raise SatsError(f"{path}: truncated: {n_bytes} bytes after decompression, the header needs at least {needed}")
-
-
-def _data_bytes(reader: sitk.ImageFileReader) -> int:
-    """Bytes of voxel data the header announces (Python ints: no overflow for absurd sizes)."""
-    return math.prod(int(n) for n in reader.GetSize()) * reader.GetNumberOfComponents() * _PIXEL_BYTES.get(reader.GetPixelID(), 1)
-
-
-def _voxel_offset(reader: sitk.ImageFileReader, default: int) -> int:
-    try:
-        return max(int(float(reader.GetMetaData("vox_offset"))), default)
-    except (RuntimeError, ValueError, OverflowError):
-        return default
-
-
-#: deflate (gzip, zlib) never expands data more than 1032-fold.
-_MAX_DEFLATE_RATIO = 1032
-
-
-def _check_data_size(path: Path, reader: sitk.ImageFileReader) -> None:
-    """Refuse a file too short for the voxels its header announces.
-
-    SimpleITK zero-fills a short uncompressed NIfTI without a word, and a damaged size field
-    would make it allocate whatever the header says. Raw data must fit in the file, deflated
-    data within deflate's largest ratio. Detached data (.mhd, .nhdr, a data file named in the
-    header) and other encodings are left to SimpleITK.
-    """
-    name = path.name.lower()
-    size = path.stat().st_size
-    needed = _data_bytes(reader)
-    if name.endswith(".nii"):
-        available, compressed = size - _voxel_offset(reader, 348), False
-    elif name.endswith((".mha", ".nrrd")):
-        encoding = _text_header_encoding(path, metaimage=name.endswith(".mha"))
-        if encoding is None:
-            return
-        available, compressed = size, encoding == "deflate"
-    else:
-        return
-    if needed > (_MAX_DEFLATE_RATIO * available + 1024 if compressed else available):
-        raise SatsError(f"{path}: truncated or damaged: the header announces {needed} bytes of voxel data, "
-                        f"the file holds {max(available, 0)}")
-
-
-def _text_header(path: Path, metaimage: bool) -> dict[str, str]:
-    """The ``key = value`` (MetaImage) or ``key: value`` (NRRD) fields of a text header,
-    keys and values lower-cased."""
-    with open(path, "rb") as fh:
-        head = fh.read(1 << 16)
-    fields: dict[str, str] = {}
-    for line in head.split(b"\n"):
-        if not line.strip():
-            if not metaimage:
-                break  # a NRRD header ends at the first blank line
-            continue
-        key, sep, value = line.decode("latin-1").partition("=" if metaimage else ":")
-        key = key.strip().lower()
-        if sep:
-            fields[key] = value.strip().lower()
-        if metaimage and key == "elementdatafile":
-            break  # the data follow
-    return fields
-
-
-def _text_header_encoding(path: Path, metaimage: bool) -> str | None:
-    """"raw" or "deflate" for a single-file MHA/NRRD with its data inline, else None (unknown)."""
-    fields = _text_header(path, metaimage)
-    if metaimage:
-        if fields.get("elementdatafile") != "local":
-            return None
-        return "deflate" if fields.get("compresseddata") == "true" else "raw"
-    if "data file" in fields or "datafile" in fields:
-        return None
-    return {"raw": "raw", "gzip": "deflate", "gz": "deflate"}.get(fields.get("encoding", ""))
 
 
 _stderr_lock = threading.Lock()
@@ -229,46 +139,6 @@ def quiet_c_stderr() -> Iterator[None]:
                 os.dup2(_stderr_saved, 2)
                 os.close(_stderr_saved)
                 _stderr_saved = None
-
-
-def _check_nifti_geometry(path: Path) -> None:
-    """ITK's NIfTI reader never returns (an endless loop) on an infinite sform entry: refuse
-    non-finite numbers in the geometry fields in use before it sees them."""
-    try:
-        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as fh:
-            header = fh.read(348)
-    except (EOFError, OSError, zlib.error):
-        return  # not readable as gzip: the reader says so
-    if len(header) < 348:
-        return
-    for order in "<>":
-        if struct.unpack(order + "i", header[:4])[0] == 348:
-            break
-    else:
-        return  # not NIfTI-1: left to SimpleITK
-    pixdim = struct.unpack(order + "8f", header[76:108])
-    qform, sform = struct.unpack(order + "2h", header[252:256])
-    quatern = struct.unpack(order + "6f", header[256:280])
-    srow = struct.unpack(order + "12f", header[280:328])
-    used = [("pixdim", pixdim[:4])] + [("quatern/qoffset", quatern)] * (qform > 0) + [("srow", srow)] * (sform > 0)
-    for name, values in used:
-        if not all(math.isfinite(v) for v in values):
-            raise SatsError(f"{path}: damaged NIfTI header (non-finite {name})")
-
-
-def _check_metaimage_ndims(path: Path) -> None:
-    """ITK's MetaImage reader crashes the process (segmentation fault) on a negative or huge
-    ``NDims``: check it first."""
-    ndims = _text_header(path, metaimage=True).get("ndims")
-    if ndims is not None and not (ndims.isdigit() and 1 <= int(ndims) <= 16):
-        raise SatsError(f"{path}: unreadable image (invalid NDims = {ndims[:20]!r})")
-
-
-_PIXEL_BYTES = {
-    sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2,
-    sitk.sitkUInt32: 4, sitk.sitkInt32: 4, sitk.sitkFloat32: 4,
-    sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat64: 8,
-}
 
 
 def write_image(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:

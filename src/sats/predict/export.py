@@ -499,17 +499,9 @@ def _rasterise_roi(rs_path: Path, ct_dir: str | Path, roi_name: str, series_uid:
     gap = float(np.min(np.diff(heights))) if n > 1 else 1.0
     centres_r, centres_c = np.mgrid[:rows, :cols]
     for item in contour_items:
-        if str(item.get("ContourGeometricType", "")) != "CLOSED_PLANAR":
+        points = _contour_points(item, rs_path, str(roi.ROIName))
+        if str(item.ContourGeometricType).strip() != "CLOSED_PLANAR" or len(points) < 3:
             continue  # points and open lines enclose nothing
-        values = np.asarray(item.ContourData, dtype=np.float64).ravel()
-        if values.size % 3:
-            raise SatsError(f"{rs_path}: a contour of {roi.ROIName!r} has {values.size} coordinates, "
-                            f"not 3 per point (damaged file?)")
-        points = values.reshape(-1, 3)
-        if len(points) < 3:
-            continue
-        if not np.all(np.isfinite(points)):
-            raise SatsError(f"{rs_path}: a contour of {roi.ROIName!r} holds non-finite coordinates")
         h = float(np.mean(points @ normal))
         k = int(np.argmin(np.abs(heights - h)))
         rc, dist = patient_to_pixel(points, ct.slices[k])
@@ -524,6 +516,26 @@ def _rasterise_roi(rs_path: Path, ct_dir: str | Path, roi_name: str, series_uid:
         inside = PolygonPath(rc).contains_points(np.stack([box_r.ravel(), box_c.ravel()], axis=1))
         mask[k, lo[0]:hi[0], lo[1]:hi[1]] ^= inside.reshape(box_r.shape).astype(np.uint8)  # even-odd
     return Volume(mask, ct.grid.spacing, ct.grid.origin, ct.grid.direction)
+
+
+#: ContourGeometricType's defined terms (type 1): anything else is a damaged value.
+CONTOUR_TYPES = ("POINT", "OPEN_PLANAR", "OPEN_NONPLANAR", "CLOSED_PLANAR")
+
+
+def _contour_points(item: Dataset, rs_path: Path, roi_name: str) -> np.ndarray:
+    """The (n, 3) LPS mm points of one Contour Sequence item, checked whatever its type: a
+    missing or unknown ContourGeometricType, or a point that is not 3 finite numbers, is a
+    damaged file, not a contour that encloses nothing."""
+    kind = str(item.get("ContourGeometricType", "")).strip()
+    if kind not in CONTOUR_TYPES:
+        raise SatsError(f"{rs_path}: a contour of {roi_name!r} has no valid ContourGeometricType ({kind[:20]!r})")
+    values = np.asarray(item.ContourData, dtype=np.float64).ravel()
+    if values.size % 3 or values.size == 0:
+        raise SatsError(f"{rs_path}: a contour of {roi_name!r} has {values.size} coordinates, "
+                        f"not 3 per point (damaged file?)")
+    if not np.all(np.isfinite(values)):
+        raise SatsError(f"{rs_path}: a contour of {roi_name!r} holds non-finite coordinates")
+    return values.reshape(-1, 3)
 
 
 # --- DICOM SEG ------------------------------------------------------------------------------
