@@ -64,8 +64,10 @@ def tiny_trained_run(tmp_path_factory) -> tuple[Path, Path]:
     return root / "run", data
 
 
-#: The one bias of the network's final 1x1x1 segmentation conv (MONAI DynUNet output block).
-OUTPUT_BIAS = "output_block.conv.conv.bias"
+#: The one bias of the network's final 1x1x1 segmentation conv: MONAI DynUNet's output
+#: block (nnunet), the output conv a :class:`sats.model.backbones.monai_nets.Tapped` holds
+#: (Swin UNETR, UNETR; MedNeXt's is ``conv_out``). A tuple of suffixes for ``str.endswith``.
+OUTPUT_BIAS = ("output_block.conv.conv.bias", "encoder_decoder.head.conv.conv.bias", "encoder_decoder.head.conv_out.bias")
 
 
 def _replace_output_bias(obj, value: float) -> int:

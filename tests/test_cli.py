@@ -44,9 +44,11 @@ def test_summary_paper_parameter_count() -> None:
     assert abs(n - 30.70e6) / 30.70e6 < 0.01
 
 
-def test_summary_rejects_an_indivisible_patch() -> None:
-    result = CliRunner().invoke(app, ["summary", "--patch", "56", "190", "192", "--spacing", "3", "1", "1"])
-    assert result.exit_code == 1 and "divisible" in result.output
+def test_summary_rounds_an_indivisible_patch_up_and_says_so() -> None:
+    """A patch the network cannot stride is rounded up to one it can (issue 25), never a shape error."""
+    result = CliRunner().invoke(app, ["summary", "--patch", "56", "190", "192", "--spacing", "3", "1", "1"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "(56, 190, 192) rounded up to (56, 192, 192)" in result.output
 
 
 def test_truncated_nifti_given_to_commands(tmp_path) -> None:

@@ -219,17 +219,15 @@ def test_the_fusion_runs_record_their_design(fusion_runs):
     assert first.shape[1] == 3  # the CT, its registered mirror, their difference
 
 
-def test_a_fusion_run_serves_dicom_like_sats_predict(fusion_runs, make_predicting_run, tmp_path):
-    """The DICOM node with a registered-mirror fusion RUN: the RTSTRUCT it sends holds the
-    mask `sats predict` writes for the same series."""
+def assert_served_like_predict(run_dir, ct_file, make_predicting_run, tmp_path) -> None:
+    """The DICOM node with the RUN ``run_dir`` (calibrated to mark a few % of ``ct_file``):
+    the RTSTRUCT it sends holds the mask `sats predict` writes for the same series."""
     from sats.data.dicom import read_dicom_series, write_ct_series
     from sats.predict.export import read_rtstruct_roi
     from test_serve import Node, PlanningSystem, send_series, wait_state
 
-    runs, data = fusion_runs
-    ct = read_image(sorted((data / "imagesTr").iterdir())[1])
-    files = write_ct_series(ct, tmp_path / "series")
-    run = make_predicting_run(runs["fusion-reg"], read_dicom_series(tmp_path / "series"), tmp_path / "run", fraction=0.03)
+    files = write_ct_series(read_image(ct_file), tmp_path / "series")
+    run = make_predicting_run(run_dir, read_dicom_series(tmp_path / "series"), tmp_path / "run", fraction=0.03)
     result = CliRunner().invoke(app, ["predict", "-i", str(tmp_path / "series"), "-o", str(tmp_path / "pred.nii.gz"), "-m", str(run)])
     assert result.exit_code == 0, result.output
     expected = read_image(tmp_path / "pred.nii.gz")
@@ -247,3 +245,9 @@ def test_a_fusion_run_serves_dicom_like_sats_predict(fusion_runs, make_predictin
     got = read_rtstruct_roi(tmp_path / "RS.dcm", tmp_path / "series", rs.StructureSetROISequence[0].ROIName)
     assert got.same_geometry(expected, tol_mm=1e-3) is None
     np.testing.assert_array_equal(got.array > 0, expected.array > 0)
+
+
+def test_a_fusion_run_serves_dicom_like_sats_predict(fusion_runs, make_predicting_run, tmp_path):
+    """A registered-mirror fusion RUN through the DICOM node."""
+    runs, data = fusion_runs
+    assert_served_like_predict(runs["fusion-reg"], sorted((data / "imagesTr").iterdir())[1], make_predicting_run, tmp_path)

@@ -149,31 +149,37 @@ def evaluate(
 @user_errors
 def summary(
     preset_name: str = typer.Option("paper", "--preset", help="paper or cpu."),
+    arch: str = typer.Option("nnunet", "--arch", help="Backbone: nnunet, swinunetr, swinunetr-v2, unetr, mednext."),
     patch: Optional[tuple[int, int, int]] = typer.Option(None, "--patch", help="Patch D H W (z y x voxels)."),
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Spacing Z Y X in mm."),
 ) -> None:
-    """Print the planned encoder-decoder stage by stage and its parameter count."""
+    """Print the planned encoder-decoder stage by stage, its parameter count and the GFLOP of a training step."""
     from rich.table import Table
 
-    from sats.model.config import preset
-    from sats.model.network import EncoderDecoder, count_parameters, plan_network
+    from sats.model.backbones import build_backbone, plan_backbone, step_gflop
+    from sats.model.config import build
+    from sats.model.network import count_parameters
 
-    cfg = preset(preset_name)
+    cfg = build(preset_name, arch=arch)
     patch_size = tuple(patch) if patch else cfg.patch_size
     sp = tuple(spacing) if spacing else (cfg.spacing or (3.0, 1.0, 1.0))
     try:
-        plan = plan_network(patch_size, sp, cfg.base_features, cfg.max_features)
+        plan = plan_backbone(arch, patch_size, sp, cfg.preset, cfg.base_features, cfg.max_features)
     except ValueError as exc:
         raise SatsError(str(exc)) from None
-    model = EncoderDecoder(plan, residual=cfg.residual)
-    table = Table(title=f"SATs encoder-decoder, preset {cfg.preset}: patch {patch_size} at {sp} mm (z, y, x)")
+    model = build_backbone(plan, residual=cfg.residual)
+    table = Table(title=f"{arch} encoder-decoder, preset {cfg.preset}: patch {plan.patch_size} at {sp} mm (z, y, x)")
     for col in ("stage", "features", "kernel (z,y,x)", "stride (z,y,x)", "feature map (z,y,x)"):
         table.add_column(col)
-    size = list(patch_size)
+    size = list(plan.patch_size)
     for i, (f, k, st) in enumerate(zip(plan.features, plan.kernel_sizes, plan.strides)):
         size = [a // b for a, b in zip(size, st)]
         table.add_row(str(i), str(f), "x".join(map(str, k)), "x".join(map(str, st)), "x".join(map(str, size)))
     console.print(table)
+    if plan.patch_size != tuple(patch_size):
+        console.print(f"patch {tuple(patch_size)} rounded up to {plan.patch_size} for {arch}")
+    console.print(f"GFLOP per training step (batch {cfg.batch_size}, forward + backward): "
+                  f"{step_gflop(plan, cfg.batch_size):.1f}")
     console.print(f"parameters: {count_parameters(model):,}")
 
 
@@ -189,6 +195,7 @@ def train(
     fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoint.pt."),
     variant: Optional[str] = typer.Option(None, "--variant", help="A variant of sats ablation, e.g. unet, fusion, fusion-reg, feature-fusion, sats-joint-union, sats."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Backbone: nnunet (default, the paper's network), swinunetr, swinunetr-v2, unetr, mednext."),
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Training spacing Z Y X mm (default: the preset's, following the data where it is coarser)."),
     patch_size: Optional[tuple[int, int, int]] = typer.Option(None, "--patch-size", help="Patch D H W voxels."),
     no_projection_head: bool = typer.Option(False, "--no-projection-head", help="Ablation: margin loss on the decoder features."),
@@ -216,7 +223,7 @@ def train(
         raise SatsError(f"{unlabelled}: --unlabelled needs a folder of CTs")
     given = {
         "iters_per_epoch": iters_per_epoch, "unlabelled_fraction": unlabelled_fraction, "beta": beta, "margin": margin,
-        "batch_size": batch_size, "num_workers": workers, "asym_region": asym_region,
+        "batch_size": batch_size, "num_workers": workers, "asym_region": asym_region, "arch": arch,
         "patch_size": tuple(patch_size) if patch_size else None,
         "unlabelled": str(unlabelled.resolve()) if unlabelled else None,
         "atlas": str(atlas.resolve()) if atlas else None,
@@ -243,6 +250,7 @@ def ablation(
     out: Path = typer.Option(..., "--out", "-o", help="Study folder (resumed when it exists)."),
     preset_name: str = typer.Option("cpu", "--preset", help="paper or cpu."),
     variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated variants (default: unet,fusion,fusion-reg,feature-fusion,sats-joint-union,sats)."),
+    archs: str = typer.Option("nnunet", "--archs", help="Comma-separated backbones; each variant runs on each (arm variant@arch), paired against unet on nnunet."),
     seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Comma-separated seeds (10 for a headline comparison)."),
     fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Total epochs per run (split 4:1 between the stages)."),
@@ -265,6 +273,7 @@ def ablation(
         seeds=_int_list(seeds, "--seeds"), fold=fold, epochs=epochs, iters_per_epoch=iters_per_epoch,
         spacing=list(spacing) if spacing else None, patch_size=list(patch_size) if patch_size else None,
         align=not no_align, unlabelled=str(unlabelled.resolve()) if unlabelled else None,
+        archs=[a.strip() for a in archs.split(",") if a.strip()],
     )
     run_ablation(settings, out, console=console, device=device)
     console.print(f"[bold green]done[/]: {out / 'summary.md'}, {out / 'cases.csv'}, {out / 'ablation.png'}")

@@ -13,11 +13,12 @@ point and started again with the same command; finished runs are not retrained; 
 processes started on the same ``DIR`` share the runs between them)::
 
     ablation.json            the settings (a restart with other settings is refused; the
-                             variants and seeds may grow)
+                             archs, variants and seeds may grow)
     cache/                   preprocessed training cases, shared by every run
     test_planes.json         the mid-sagittal plane of each test CT, found once
     test_mirrors/            fusion-reg: each test CT's registered mirror, found once
-    runs/{variant}-s{seed}/  a RUN folder (sats predict -m), test/ predictions, metrics.csv,
+    runs/{arm}-s{seed}/      a RUN folder (sats predict -m), test/ predictions, metrics.csv;
+                             an arm is a variant (on nnunet) or variant@arch (--archs),
                              .ablation.lock (held by the process working on the run)
     cases.csv                variant,seed,case,dsc,hd95,asd,nsd
     summary.md, summary.json per-variant means and paired differences
@@ -55,6 +56,7 @@ import numpy as np
 
 from sats.data.io import atomic_path, write_text_atomic
 from sats.geometry.volume import SatsError
+from sats.model.backbones import backbone
 from sats.model.config import SEMI_VARIANTS, VARIANTS, build, parse_fold
 from sats.model.run import CHECKPOINT_FILE, MODEL_FILE, claim
 
@@ -95,21 +97,43 @@ class AblationSettings:
     patch_size: list[int] | None = None
     align: bool = True
     unlabelled: str | None = None  # unlabelled CTs for sats-semi
+    archs: list[str] = field(default_factory=lambda: ["nnunet"])  # backbones (sats.model.backbones)
 
     def __post_init__(self) -> None:
+        for a in self.archs:
+            backbone(a)
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise SatsError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-        if not self.variants or not self.seeds:
-            raise SatsError("an ablation needs at least one variant and one seed")
+        if not self.variants or not self.seeds or not self.archs:
+            raise SatsError("an ablation needs at least one arch, one variant and one seed")
         semi = [v for v in self.variants if v in SEMI_VARIANTS]
         if semi and not self.unlabelled:
             raise SatsError(f"the {', '.join(semi)} variant(s) need --unlabelled DIR (unlabelled CTs)")
 
 
-def variant_config(settings: AblationSettings, variant: str, seed: int):
-    """The TrainConfig of one run (:func:`sats.model.config.build`)."""
-    given = {"iters_per_epoch": settings.iters_per_epoch,
+def arm_name(variant: str, arch: str = "nnunet") -> str:
+    """A study's name for a variant on a backbone: the variant alone on ``nnunet`` (the
+    studies before backbones were options), else ``variant@arch``; ``unet`` is the baseline."""
+    return variant if arch == "nnunet" else f"{variant}@{arch}"
+
+
+def parse_arm(arm: str) -> tuple[str, str]:
+    """(variant, arch) of an :func:`arm_name`."""
+    variant, _, arch = arm.partition("@")
+    return variant, arch or "nnunet"
+
+
+def study_arms(settings: AblationSettings) -> list[str]:
+    """Every arm of the study, backbone by backbone."""
+    return [arm_name(v, a) for a in settings.archs for v in settings.variants]
+
+
+def variant_config(settings: AblationSettings, arm: str, seed: int):
+    """The TrainConfig of one run (:func:`sats.model.config.build`); ``arm`` is a variant,
+    or ``variant@arch`` (:func:`arm_name`)."""
+    variant, arch = parse_arm(arm)
+    given = {"arch": arch if arch != "nnunet" else None,"iters_per_epoch": settings.iters_per_epoch,
              "patch_size": tuple(settings.patch_size) if settings.patch_size else None,
              "unlabelled": settings.unlabelled if variant in SEMI_VARIANTS else None,
              **({"spacing": tuple(settings.spacing), "follow_data": False} if settings.spacing else {})}
@@ -529,14 +553,14 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
         # Runs are independent per (variant, seed), so a study may grow or shrink its
         # variants and seeds; every other setting must match what its runs were trained with.
         before, now = json.loads(stored.read_text()), asdict(settings)
-        changed = [k for k in before if k not in ("variants", "seeds") and before.get(k) != now.get(k)]
+        changed = [k for k in before if k not in ("variants", "seeds", "archs") and before.get(k) != now.get(k)]
         if changed:
             raise SatsError(f"{out}: a study with other settings ({', '.join(changed)}) is there; use another --out")
     else:
         out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(stored, json.dumps(asdict(settings), indent=2))
 
-    runs = [(v, s) for s in settings.seeds for v in settings.variants]  # seed-major: early results cover every variant
+    runs = [(v, s) for s in settings.seeds for v in study_arms(settings)]  # seed-major: early results cover every variant
     planes = None
     spent: list[float] = []
     # Several `sats ablation` processes (or machines sharing the folder) may work on one

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from sats.geometry.volume import SatsError, validate_options
+from sats.model.backbones import backbone, optimizer_defaults, round_patch
 from sats.model.losses import AsymRegion  # defined beside the loss that uses it
 from sats.model.network import Fusion  # defined beside the network that uses it
 
@@ -30,6 +31,8 @@ class TrainConfig:
     preset: str = "paper"
     patch_size: tuple[int, int, int] = (56, 192, 192)
     spacing: tuple[float, float, float] | None = None  # None: the dataset's median spacing
+    # The encoder-decoder (sats.model.backbones): nnU-Net's plain U-Net, the paper's network.
+    arch: str = field(default="nnunet", metadata={"option": "--arch"})
     align: bool = True  # resample each CT about its own mid-sagittal plane (sats.geometry.alignment)
     atlas: str | None = None  # symmetric atlas image: find the plane by affine registration to it
     base_features: int = 32
@@ -92,6 +95,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate_options(self)
+        backbone(self.arch)  # an unknown arch is one error listing the known ones
         if not 0.0 <= self.unlabelled_fraction < 1.0:
             raise SatsError(f"unlabelled_fraction must be in [0, 1), not {self.unlabelled_fraction}")
         if self.fusion_difference and self.fusion == "none":
@@ -137,7 +141,8 @@ def fit_to_data(cfg: TrainConfig, data_spacing: tuple[float, float, float]) -> t
     """(spacing, patch size) to train at: the configuration's, except where
     ``cfg.follow_data`` and the configured spacing would up-sample the data more than 1.5
     times along an axis; there the data's spacing and a patch of the same extent in mm
-    (rounded up to a multiple of 8 voxels, at least 16) are used.
+    (rounded up to a multiple of 8 voxels, at least 16) are used. The patch is then rounded
+    up to what ``cfg.arch`` takes (:func:`sats.model.backbones.round_patch`).
 
     Example:
         >>> cfg = preset("cpu")  # 24 x 80 x 80 voxels at 3 x 1.6 x 1.6 mm
@@ -145,7 +150,8 @@ def fit_to_data(cfg: TrainConfig, data_spacing: tuple[float, float, float]) -> t
         ((3.0, 3.9, 3.9), (24, 40, 40))
     """
     if cfg.spacing is None:
-        return tuple(float(s) for s in data_spacing), tuple(cfg.patch_size)
+        spacing = tuple(float(s) for s in data_spacing)
+        return spacing, round_patch(cfg.arch, tuple(cfg.patch_size), spacing)
     spacing, patch = list(cfg.spacing), list(cfg.patch_size)
     if cfg.follow_data:
         for a in range(3):
@@ -153,7 +159,8 @@ def fit_to_data(cfg: TrainConfig, data_spacing: tuple[float, float, float]) -> t
                 mm = cfg.patch_size[a] * cfg.spacing[a]
                 spacing[a] = float(data_spacing[a])
                 patch[a] = max(16, int(8 * math.ceil(mm / spacing[a] / 8)))
-    return tuple(float(s) for s in spacing), tuple(int(p) for p in patch)
+    fitted = tuple(float(s) for s in spacing)
+    return fitted, round_patch(cfg.arch, tuple(int(p) for p in patch), fitted)
 
 
 def preset(name: str) -> TrainConfig:
@@ -213,6 +220,9 @@ def build(preset_name: str = "paper", variant: str | None = None, epochs: int | 
     """The one way a training configuration is made: the preset, then the variant's options
     (:data:`VARIANTS`), then ``epochs`` (split 4:1 between the stages; the whole of a joint
     schedule) and the explicit ``overrides`` (any :class:`TrainConfig` field), validated once.
+    An ``arch`` override brings its optimiser for the preset first
+    (:func:`sats.model.backbones.optimizer_defaults`: UNETR trains with AdamW 1e-5 in the
+    paper preset), so an explicit ``lr`` or ``optimizer`` still wins.
 
     Example:
         >>> cfg = build("cpu", variant="unet", epochs=40, seed=3)
@@ -226,7 +236,8 @@ def build(preset_name: str = "paper", variant: str | None = None, epochs: int | 
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise SatsError(f"unknown training option(s) {', '.join(unknown)}")
-    changes = {**(VARIANTS[variant] if variant else {}), **(stage_split(epochs) if epochs is not None else {}), **overrides}
+    arch = overrides.get("arch") or base.arch
+    changes = {**optimizer_defaults(arch, base.preset), **(VARIANTS[variant] if variant else {}), **(stage_split(epochs) if epochs is not None else {}), **overrides}
     for key in ("patch_size", "spacing"):
         if changes.get(key) is not None:
             changes[key] = tuple(changes[key])

@@ -1,11 +1,12 @@
 """The SATs network: a shared U-shaped encoder-decoder run on the CT and its mirror, and
 the projection head g used by the margin loss.
 
-The encoder-decoder is MONAI's :class:`~monai.networks.nets.DynUNet`, configured the way
-nnU-Net's planner configures its plain U-Net from the patch size and voxel spacing
+The encoder-decoder is a backbone of :mod:`sats.model.backbones` (``TrainConfig.arch``).
+The default, ``nnunet``, is MONAI's :class:`~monai.networks.nets.DynUNet`, configured the
+way nnU-Net's planner configures its plain U-Net from the patch size and voxel spacing
 (:func:`plan_network`): two 3x3x3 conv -> InstanceNorm -> LeakyReLU per stage, strided
 convolutions down, transposed convolutions up with skip concatenation, 32 features
-doubling per stage and capped at 320.
+doubling per stage and capped at 320. Everything below works on every backbone.
 
 The paper's prose speaks of residual blocks and four downsamplings, but its parameter
 count (30.70 M, Table 1) is that of the plain six-stage network nnU-Net plans for its
@@ -35,127 +36,14 @@ inference too:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import DynUNet
 from torch import nn
 
-
-@dataclass(frozen=True)
-class NetworkPlan:
-    """Topology of the encoder-decoder, one entry per resolution stage.
-
-    Attributes:
-        patch_size: input patch (z, y, x) in voxels.
-        spacing: voxel spacing (z, y, x) in mm the patch is sampled at.
-        kernel_sizes: conv kernel per stage, (z, y, x).
-        strides: downsampling stride entering each stage, (z, y, x); the first is 1.
-        features: channels per stage.
-    """
-
-    patch_size: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    kernel_sizes: list[tuple[int, int, int]] = field(default_factory=list)
-    strides: list[tuple[int, int, int]] = field(default_factory=list)
-    features: list[int] = field(default_factory=list)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "NetworkPlan":
-        """Inverse of ``dataclasses.asdict`` after a JSON round trip (lists back to tuples)."""
-        return cls(
-            tuple(d["patch_size"]), tuple(d["spacing"]), [tuple(k) for k in d["kernel_sizes"]],
-            [tuple(s) for s in d["strides"]], list(d["features"]),
-        )
-
-    @property
-    def total_stride(self) -> tuple[int, int, int]:
-        out = [1, 1, 1]
-        for s in self.strides:
-            out = [a * b for a, b in zip(out, s)]
-        return tuple(out)  # type: ignore[return-value]
-
-
-def plan_network(
-    patch_size: tuple[int, int, int],
-    spacing: tuple[float, float, float],
-    base_features: int = 32,
-    max_features: int = 320,
-    min_feature_map: int = 4,
-    max_stages: int = 7,
-) -> NetworkPlan:
-    """Plan stages like nnU-Net: pool an axis while it stays >= 2 x ``min_feature_map``
-    voxels and its spacing is less than twice the finest current spacing; use kernel 3
-    along an axis once its spacing is within a factor 2 of the finest, else 1.
-
-    Example:
-        >>> plan = plan_network((56, 192, 192), (3.0, 1.0, 1.0))
-        >>> plan.strides
-        [(1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)]
-        >>> plan.kernel_sizes[0], plan.features
-        ((1, 3, 3), [32, 64, 128, 256, 320, 320])
-    """
-    size = [float(s) for s in patch_size]
-    sp = [float(s) for s in spacing]
-    kernel = [1, 1, 1]
-    kernels: list[tuple[int, int, int]] = []
-    strides: list[tuple[int, int, int]] = [(1, 1, 1)]
-    while True:
-        finest = min(sp)
-        kernel = [3 if (kernel[a] == 3 or sp[a] / finest < 2) else 1 for a in range(3)]
-        kernels.append(tuple(kernel))  # type: ignore[arg-type]
-        if len(kernels) >= max_stages:
-            break
-        can_pool = [a for a in range(3) if size[a] >= 2 * min_feature_map]
-        if not can_pool:
-            break
-        finest_poolable = min(sp[a] for a in can_pool)
-        pool_axes = [a for a in can_pool if sp[a] / finest_poolable < 2]
-        stride = tuple(2 if a in pool_axes else 1 for a in range(3))
-        strides.append(stride)  # type: ignore[arg-type]
-        size = [s / st for s, st in zip(size, stride)]
-        sp = [s * st for s, st in zip(sp, stride)]
-    features = [min(base_features * 2**i, max_features) for i in range(len(kernels))]
-    plan = NetworkPlan(tuple(patch_size), tuple(spacing), kernels, strides, features)  # type: ignore[arg-type]
-    bad = [p % t for p, t in zip(patch_size, plan.total_stride)]
-    if any(bad):
-        raise ValueError(f"patch {tuple(patch_size)} is not divisible by the total stride {plan.total_stride}")
-    return plan
-
-
-class EncoderDecoder(nn.Module):
-    """The shared U-Net. ``forward`` returns ``(logits, E)``.
-
-    Shapes: input ``(B, in_channels, D, H, W)``; logits ``(B, 1, D, H, W)`` (one sigmoid channel:
-    GTV); E, the last decoder feature map before the 1x1x1 segmentation conv,
-    ``(B, features[0], D, H, W)``.
-    """
-
-    def __init__(self, plan: NetworkPlan, residual: bool = False, in_channels: int = 1) -> None:
-        super().__init__()
-        self.plan = plan
-        self.unet = DynUNet(
-            spatial_dims=3,
-            in_channels=in_channels,
-            out_channels=1,
-            kernel_size=[list(k) for k in plan.kernel_sizes],
-            strides=[list(s) for s in plan.strides],
-            upsample_kernel_size=[list(s) for s in plan.strides[1:]],
-            filters=list(plan.features),
-            norm_name=("INSTANCE", {"affine": True}),
-            act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
-            res_block=residual,
-        )
-
-    @property
-    def feature_channels(self) -> int:
-        return self.plan.features[0]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.unet.skip_layers(x)
-        return self.unet.output_block(features), features
+from sats.model.backbones import build_backbone
+from sats.model.backbones.nnunet import EncoderDecoder, NetworkPlan, plan_network  # noqa: F401 (re-exported)
 
 
 class ProjectionHead(nn.Module):
@@ -206,7 +94,7 @@ class SATsNet(nn.Module):
                  fusion: Fusion = "none", fusion_difference: bool = False, feature_fusion: bool = False) -> None:
         super().__init__()
         self.fusion, self.fusion_difference = fusion, fusion_difference
-        self.encoder_decoder = EncoderDecoder(plan, residual=residual, in_channels=input_channels(fusion, fusion_difference))
+        self.encoder_decoder = build_backbone(plan, input_channels(fusion, fusion_difference), residual)
         c = self.encoder_decoder.feature_channels
         self.head = ProjectionHead(c, head_channels) if projection_head else None
         self.fuse = nn.Conv3d(2 * c, 1, 1) if feature_fusion else None
@@ -265,7 +153,7 @@ def prefers_channels_last(plan: NetworkPlan, device: torch.device | str, bf16: b
     """
     if torch.device(device).type == "cuda":
         return bf16
-    return plan.features[0] < 16
+    return plan.arch == "nnunet" and plan.features[0] < 16  # measured for nnunet only
 
 
 def to_preferred_layout(model: nn.Module, plan: NetworkPlan, device: torch.device | str, bf16: bool) -> nn.Module:

@@ -35,7 +35,8 @@ from sats.hardware import available_cores, cpu_has_native_bf16, keep_freed_memor
 from sats.model.cache import add_asymmetry_maps, add_registered_mirrors, median_spacing, prepare_cases, prepare_unlabelled, unlabelled_inputs, uses_asymmetry_maps
 from sats.model.config import TrainConfig, fit_to_data
 from sats.model.losses import SegmentationLoss, asymmetric_mask, margin_loss
-from sats.model.network import SATsNet, count_parameters, plan_network, to_preferred_layout
+from sats.model.backbones import plan_backbone
+from sats.model.network import SATsNet, count_parameters, to_preferred_layout
 from sats.model.patches import AugmentConfig, CaseArrays, sample_patch
 from sats.model.run import Run, RunConfig, lock_folder
 from sats.predict.inference import sliding_window_probabilities
@@ -417,7 +418,7 @@ def load_cases(dataset: Path, out: Path, cfg: TrainConfig, cache: Path | None, e
 def start_run(dataset: Path, out: Path, cfg: TrainConfig, cases: Cases, env: Setup) -> tuple[Run, SATsNet]:
     """The RUN folder's configuration (written by rank 0, the same object on every rank)
     and the model, initialised from ``cfg.seed`` on every rank."""
-    plan = plan_network(cfg.patch_size, cases.spacing, cfg.base_features, cfg.max_features)
+    plan = plan_backbone(cfg.arch, cfg.patch_size, cases.spacing, cfg.preset, cfg.base_features, cfg.max_features)
     config = RunConfig(cfg, plan, cases.spacing, cases.stats, str(Path(dataset).resolve()), load_dataset_json(dataset)["labels"],
                        [c.case_id for c in cases.train], [c.case_id for c in cases.val], [c.case_id for c in cases.unlabelled])
     run = Run.create(out, config) if env.rank == 0 else Run(out, config)

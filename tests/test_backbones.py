@@ -1,0 +1,144 @@
+"""Backbones (issue 25): each arch plans, trains and predicts like the default one."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sats.cli import app
+from sats.data.io import read_image, write_image
+from sats.geometry.volume import SatsError, Volume
+from sats.model.backbones import BACKBONES, optimizer_defaults, plan_backbone, round_patch, step_gflop
+from sats.model.config import build
+from sats.model.network import SATsNet
+from sats.model.training import train
+from test_io import rotation
+from test_training import make_tiny_dataset, tiny_config
+
+ARCHS = sorted(BACKBONES)
+#: Table 1 of the paper, millions of parameters at 56 x 192 x 192 with one output channel.
+PAPER_M = {"nnunet": 30.70, "swinunetr": 62.19, "swinunetr-v2": 72.89, "unetr": 93.01, "mednext": 61.80}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sats_summary_prints_the_papers_parameter_count(arch):
+    result = CliRunner().invoke(app, ["summary", "--preset", "paper", "--arch", arch], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    n = int(re.search(r"parameters: ([\d,]+)", result.output).group(1).replace(",", ""))
+    assert abs(n / 1e6 - PAPER_M[arch]) <= 0.03 * PAPER_M[arch], f"{arch}: {n / 1e6:.2f} M, paper {PAPER_M[arch]}"
+    assert float(re.search(r"GFLOP per training step \(batch 2, forward \+ backward\): ([\d.]+)", result.output).group(1)) > 100
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_planner_rounds_any_patch_to_one_the_arch_takes(arch):
+    rng = np.random.default_rng(len(arch))
+    for _ in range(5):
+        patch = tuple(int(v) for v in rng.integers(9, 70, 3))
+        got = plan_backbone(arch, patch, (3.0, 1.6, 1.6), "cpu", 4, 16).patch_size  # never a shape error
+        assert all(g >= p for g, p in zip(got, patch)) and np.prod(got) < 8 * np.prod(patch) + 8 * 64**3
+        if arch != "nnunet":
+            m = BACKBONES[arch].multiple
+            assert all(g % m == 0 and g - p < m for g, p in zip(got[:1], patch[:1])) and min(got[1:]) >= 2 * m
+    assert round_patch("nnunet", (24, 80, 80), (3.0, 1.6, 1.6)) == (24, 80, 80)  # the cpu preset's: unchanged
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_arch_runs_forward_and_backward_with_every_asymmetry_option(arch):
+    """SATs on any backbone: two branches, head and margin-loss features, early and feature fusion."""
+    plan = plan_backbone(arch, (11, 20, 27), (3.0, 1.6, 1.6), "cpu", 4, 16)  # odd: rounded up
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, *plan.patch_size)
+    for options in ({"projection_head": True}, {"fusion": "mirror"}, {"feature_fusion": True, "projection_head": False}):
+        net = SATsNet(plan, **options)
+        out = net(x, torch.flip(x, dims=[-1]))  # the window's mirror: x is left-right
+        assert out["logits"].shape == (1, 1, *plan.patch_size)
+        assert out["proj"].shape[2:] == plan.patch_size and out["proj_mirror"].shape == out["proj"].shape
+        (out["logits"].mean() + out["logits_mirror"].mean() + out["proj"].mean()).backward()
+        named = dict(net.encoder_decoder.named_parameters())
+        unused = [n for n, p in named.items() if p.grad is None]
+        # Feature fusion replaces the backbone's own output conv (weight and bias) with its own.
+        assert len(unused) == (2 if options.get("feature_fusion") else 0), f"{arch} {options}: no gradient for {unused}"
+        grads = [p.grad for p in named.values() if p.grad is not None]
+        assert all(torch.isfinite(g).all() for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_the_paper_optimiser_per_arch_and_an_explicit_choice_wins():
+    assert build("paper", arch="unetr").optimizer == "adamw" and build("paper", arch="unetr").lr == 1e-5
+    assert build("paper", arch="swinunetr").optimizer == "sgd" and build("paper", arch="swinunetr").lr == 1e-2
+    assert build("paper", arch="unetr", lr=3e-4).lr == 3e-4
+    assert build("cpu", arch="unetr").lr == build("cpu").lr and optimizer_defaults("unetr", "cpu") == {}
+    with pytest.raises(SatsError, match="--arch must be one of"):
+        build("cpu", arch="resnet")
+
+
+def test_cpu_scales_cost_about_what_the_default_costs():
+    """Within 25 % of nnunet's cpu step where the arch can be made that small (not Swin UNETR)."""
+    ref = step_gflop(plan_backbone("nnunet", (24, 80, 80), (3.0, 1.6, 1.6), "cpu", 8, 128))
+    for arch in ("unetr", "mednext"):
+        got = step_gflop(plan_backbone(arch, (24, 80, 80), (3.0, 1.6, 1.6), "cpu", 8, 128))
+        assert abs(got / ref - 1) <= 0.25, f"{arch}: {got:.1f} GFLOP against {ref:.1f}"
+
+
+@pytest.fixture(scope="module")
+def arch_runs(tmp_path_factory):
+    """A tiny RUN of every arch but nnunet (tested everywhere else): one epoch of two steps."""
+    root = tmp_path_factory.mktemp("archs")
+    data = make_tiny_dataset(root / "data", n=2)
+    runs = {}
+    for arch in ARCHS:
+        if arch == "nnunet":
+            continue
+        cfg = tiny_config(arch=arch, stage1_epochs=1, stage2_epochs=0, schedule="joint", fold="all", localiser_iters=0)
+        train(data, root / arch, cfg, device="cpu")
+        runs[arch] = root / arch
+    return runs, data
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "nnunet"])
+def test_a_run_of_each_arch_predicts_an_odd_oblique_ct_onto_its_grid(arch_runs, arch, tmp_path):
+    runs, data = arch_runs
+    saved = json.loads((runs[arch] / "config.json").read_text())
+    assert saved["plan"]["arch"] == arch and saved["train"]["arch"] == arch
+    assert all(p % BACKBONES[arch].multiple == 0 for p in saved["train"]["patch_size"])
+    ct = read_image(next((data / "imagesTr").iterdir()))
+    odd = Volume(ct.array[:13, :37, 3:], spacing=(2.7, 1.3, 1.7), origin=(12.5, -40.25, 101.0), direction=rotation(9, -4))
+    write_image(odd, tmp_path / "odd_0000.nii.gz")
+    result = CliRunner().invoke(app, ["predict", "-i", str(tmp_path / "odd_0000.nii.gz"), "-o", str(tmp_path / "odd.nii.gz"),
+                                      "-m", str(runs[arch]), "--save-probabilities", "--roi", "whole"])
+    assert result.exit_code == 0, result.output
+    mask, prob = read_image(tmp_path / "odd.nii.gz"), read_image(tmp_path / "odd_probabilities.nii.gz")
+    assert mask.same_geometry(odd, tol_mm=1e-4) is None and set(np.unique(mask.array)) <= {0, 1}
+    assert prob.same_geometry(odd, tol_mm=1e-4) is None and 0.0 < prob.array.max() <= 1.0
+
+
+def test_an_arch_run_serves_dicom_like_sats_predict(arch_runs, make_predicting_run, tmp_path):
+    """A UNETR RUN through the DICOM node: the node calls the same per-file prediction as
+    `sats predict`, whatever the backbone, so one transformer arch stands for the others."""
+    from test_fusion import assert_served_like_predict
+
+    runs, data = arch_runs
+    assert_served_like_predict(runs["unetr"], sorted((data / "imagesTr").iterdir())[1], make_predicting_run, tmp_path)
+
+
+def test_an_ablation_over_archs_pairs_each_arm_against_unet(tmp_path):
+    """`sats ablation --archs nnunet,swinunetr --variants unet,sats --seeds 0 --epochs 1
+    --iters-per-epoch 2` end to end: four arms, each scored and paired against `unet`."""
+    from test_ablation import _tiny_with_test_split
+
+    data = _tiny_with_test_split(tmp_path / "tiny")
+    out = tmp_path / "study"
+    result = CliRunner().invoke(app, ["ablation", str(data), "--out", str(out), "--archs", "nnunet,swinunetr", "--variants", "unet,sats",
+                                      "--seeds", "0", "--epochs", "1", "--iters-per-epoch", "2", "--no-align", "--fold", "all",
+                                      "--patch-size", "16", "32", "32"])
+    assert result.exit_code == 0, result.output
+    arms = {"unet", "sats", "unet@swinunetr", "sats@swinunetr"}
+    assert {p.name for p in (out / "runs").iterdir()} == {f"{a}-s0" for a in arms}
+    assert json.loads((out / "runs" / "sats@swinunetr-s0" / "config.json").read_text())["plan"]["arch"] == "swinunetr"
+    paired = json.loads((out / "summary.json").read_text())
+    assert {v for v in paired if "unet" in paired[v]} == arms - {"unet"}
+    assert json.loads((out / "ablation.json").read_text())["archs"] == ["nnunet", "swinunetr"]
