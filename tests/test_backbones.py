@@ -22,10 +22,30 @@ from test_training import make_tiny_dataset, tiny_config
 
 ARCHS = sorted(BACKBONES)
 #: Table 1 of the paper, millions of parameters at 56 x 192 x 192 with one output channel.
-PAPER_M = {"nnunet": 30.70, "swinunetr": 62.19, "swinunetr-v2": 72.89, "unetr": 93.01, "mednext": 61.80}
+PAPER_M = {"nnunet": 30.70, "swinunetr": 62.19, "swinunetr-v2": 72.89, "unetr": 93.01, "mednext": 61.80,
+           "stunet-s": 14.60, "stunet-b": 58.26, "stunet-l": 440.30}
+#: One arch of each family (and each build function) trains a RUN below; the others of a
+#: family differ only in widths and depths, which the parameter counts check.
+RUN_ARCHS = ["swinunetr", "unetr", "mednext", "stunet-s", "resenc-m"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_but_resenc_is_in_the_papers_table():
+    assert set(PAPER_M) == set(ARCHS) - {"resenc-m"}
+    assert {BACKBONES[a].build for a in RUN_ARCHS} | {BACKBONES["nnunet"].build} == {b.build for b in BACKBONES.values()}
+
+
+def test_resenc_m_has_nnunets_residual_encoder():
+    """nnU-Net's ResEnc M: a stem, then 1, 3, 4, 6, 6, 6 residual blocks per encoder stage at
+    32-320 features, one conv per decoder stage (Isensee et al. 2024; not in the paper's table)."""
+    from sats.model.backbones import build_on_meta
+
+    plan = plan_backbone("resenc-m", (56, 192, 192), (3.0, 1.0, 1.0))
+    net = build_on_meta(plan)
+    assert [len(stage) for stage in net.encoder] == [1, 3, 4, 6, 6, 6] and plan.features == [32, 64, 128, 256, 320, 320]
+    assert plan.kernel_sizes[0] == (1, 3, 3) and net.stem is not None and len(net.decoder) == 5
+
+
+@pytest.mark.parametrize("arch", sorted(PAPER_M))
 def test_sats_summary_prints_the_papers_parameter_count(arch):
     result = CliRunner().invoke(app, ["summary", "--preset", "paper", "--arch", arch], terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -39,9 +59,12 @@ def test_the_planner_rounds_any_patch_to_one_the_arch_takes(arch):
     rng = np.random.default_rng(len(arch))
     for _ in range(5):
         patch = tuple(int(v) for v in rng.integers(9, 70, 3))
-        got = plan_backbone(arch, patch, (3.0, 1.6, 1.6), "cpu", 4, 16).patch_size  # never a shape error
+        plan = plan_backbone(arch, patch, (3.0, 1.6, 1.6), "cpu", 4, 16)  # never a shape error
+        got = plan.patch_size
         assert all(g >= p for g, p in zip(got, patch)) and np.prod(got) < 8 * np.prod(patch) + 8 * 64**3
-        if arch != "nnunet":
+        if BACKBONES[arch].fit is not None:  # nnU-Net's stride plan: the total stride divides the patch
+            assert all(g % t == 0 for g, t in zip(got, plan.total_stride))
+        else:
             m = BACKBONES[arch].multiple
             assert all(g % m == 0 and g - p < m for g, p in zip(got[:1], patch[:1])) and min(got[1:]) >= 2 * m
     assert round_patch("nnunet", (24, 80, 80), (3.0, 1.6, 1.6)) == (24, 80, 80)  # the cpu preset's: unchanged
@@ -53,7 +76,10 @@ def test_each_arch_runs_forward_and_backward_with_every_asymmetry_option(arch):
     plan = plan_backbone(arch, (11, 20, 27), (3.0, 1.6, 1.6), "cpu", 4, 16)  # odd: rounded up
     torch.manual_seed(0)
     x = torch.randn(1, 1, *plan.patch_size)
-    for options in ({"projection_head": True}, {"fusion": "mirror"}, {"feature_fusion": True, "projection_head": False}):
+    designs = ({"projection_head": True}, {"fusion": "mirror"}, {"feature_fusion": True, "projection_head": False})
+    if arch == "swinunetr-v2":  # Swin UNETR's code with one more block a stage: its two-branch pass stands for all
+        designs = designs[:1]
+    for options in designs:
         net = SATsNet(plan, **options)
         out = net(x, torch.flip(x, dims=[-1]))  # the window's mirror: x is left-right
         assert out["logits"].shape == (1, 1, *plan.patch_size)
@@ -79,27 +105,25 @@ def test_the_paper_optimiser_per_arch_and_an_explicit_choice_wins():
 def test_cpu_scales_cost_about_what_the_default_costs():
     """Within 25 % of nnunet's cpu step where the arch can be made that small (not Swin UNETR)."""
     ref = step_gflop(plan_backbone("nnunet", (24, 80, 80), (3.0, 1.6, 1.6), "cpu", 8, 128))
-    for arch in ("unetr", "mednext"):
+    for arch in ("unetr", "mednext", "stunet-s", "stunet-b", "stunet-l", "resenc-m"):
         got = step_gflop(plan_backbone(arch, (24, 80, 80), (3.0, 1.6, 1.6), "cpu", 8, 128))
         assert abs(got / ref - 1) <= 0.25, f"{arch}: {got:.1f} GFLOP against {ref:.1f}"
 
 
 @pytest.fixture(scope="module")
 def arch_runs(tmp_path_factory):
-    """A tiny RUN of every arch but nnunet (tested everywhere else): one epoch of two steps."""
+    """A tiny RUN of each family's arch (nnunet is tested everywhere else): one epoch of two steps."""
     root = tmp_path_factory.mktemp("archs")
     data = make_tiny_dataset(root / "data", n=2)
     runs = {}
-    for arch in ARCHS:
-        if arch == "nnunet":
-            continue
+    for arch in RUN_ARCHS:
         cfg = tiny_config(arch=arch, stage1_epochs=1, stage2_epochs=0, schedule="joint", fold="all", localiser_iters=0)
         train(data, root / arch, cfg, device="cpu")
         runs[arch] = root / arch
     return runs, data
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "nnunet"])
+@pytest.mark.parametrize("arch", RUN_ARCHS)
 def test_a_run_of_each_arch_predicts_an_odd_oblique_ct_onto_its_grid(arch_runs, arch, tmp_path):
     runs, data = arch_runs
     saved = json.loads((runs[arch] / "config.json").read_text())

@@ -149,14 +149,14 @@ def evaluate(
 @user_errors
 def summary(
     preset_name: str = typer.Option("paper", "--preset", help="paper or cpu."),
-    arch: str = typer.Option("nnunet", "--arch", help="Backbone: nnunet, swinunetr, swinunetr-v2, unetr, mednext."),
+    arch: str = typer.Option("nnunet", "--arch", help="Backbone: nnunet, swinunetr, swinunetr-v2, unetr, mednext, stunet-s, stunet-b, stunet-l, resenc-m."),
     patch: Optional[tuple[int, int, int]] = typer.Option(None, "--patch", help="Patch D H W (z y x voxels)."),
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Spacing Z Y X in mm."),
 ) -> None:
     """Print the planned encoder-decoder stage by stage, its parameter count and the GFLOP of a training step."""
     from rich.table import Table
 
-    from sats.model.backbones import build_backbone, plan_backbone, step_gflop
+    from sats.model.backbones import build_on_meta, plan_backbone, step_gflop
     from sats.model.config import build
     from sats.model.network import count_parameters
 
@@ -167,7 +167,7 @@ def summary(
         plan = plan_backbone(arch, patch_size, sp, cfg.preset, cfg.base_features, cfg.max_features)
     except ValueError as exc:
         raise SatsError(str(exc)) from None
-    model = build_backbone(plan, residual=cfg.residual)
+    model = build_on_meta(plan, residual=cfg.residual)  # shapes only: the paper's STU-Net L has 440 M weights
     table = Table(title=f"{arch} encoder-decoder, preset {cfg.preset}: patch {plan.patch_size} at {sp} mm (z, y, x)")
     for col in ("stage", "features", "kernel (z,y,x)", "stride (z,y,x)", "feature map (z,y,x)"):
         table.add_column(col)
@@ -178,9 +178,10 @@ def summary(
     console.print(table)
     if plan.patch_size != tuple(patch_size):
         console.print(f"patch {tuple(patch_size)} rounded up to {plan.patch_size} for {arch}")
+    n = count_parameters(model)
     console.print(f"GFLOP per training step (batch {cfg.batch_size}, forward + backward): "
-                  f"{step_gflop(plan, cfg.batch_size):.1f}")
-    console.print(f"parameters: {count_parameters(model):,}")
+                  f"{step_gflop(plan, cfg.batch_size, net=model):.1f}")
+    console.print(f"parameters: {n:,}")
 
 
 @app.command()
@@ -195,7 +196,7 @@ def train(
     fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoint.pt."),
     variant: Optional[str] = typer.Option(None, "--variant", help="A variant of sats ablation, e.g. unet, fusion, fusion-reg, feature-fusion, sats-joint-union, sats."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Backbone: nnunet (default, the paper's network), swinunetr, swinunetr-v2, unetr, mednext."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Backbone: nnunet (default, the paper's network), swinunetr, swinunetr-v2, unetr, mednext, stunet-s, stunet-b, stunet-l, resenc-m."),
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Training spacing Z Y X mm (default: the preset's, following the data where it is coarser)."),
     patch_size: Optional[tuple[int, int, int]] = typer.Option(None, "--patch-size", help="Patch D H W voxels."),
     no_projection_head: bool = typer.Option(False, "--no-projection-head", help="Ablation: margin loss on the decoder features."),

@@ -30,7 +30,7 @@ from typing import Callable
 from torch import nn
 
 from sats.geometry.volume import SatsError
-from sats.model.backbones import monai_nets, nnunet
+from sats.model.backbones import monai_nets, nnunet, residual
 from sats.model.backbones.nnunet import NetworkPlan
 
 
@@ -70,6 +70,10 @@ BACKBONES: dict[str, Backbone] = {
     "unetr": Backbone("unetr", monai_nets.plan_unetr, monai_nets.build_unetr, 16,
                       optimizer={"paper": {"optimizer": "adamw", "lr": 1e-5}}, paper_params_m=93.01),
     "mednext": Backbone("mednext", monai_nets.plan_mednext, monai_nets.build_mednext, 16, paper_params_m=61.80),
+    "stunet-s": Backbone("stunet-s", residual.plan_stunet_s, residual.build_stunet, fit=nnunet.fit_patch, paper_params_m=14.60),
+    "stunet-b": Backbone("stunet-b", residual.plan_stunet_b, residual.build_stunet, fit=nnunet.fit_patch, paper_params_m=58.26),
+    "stunet-l": Backbone("stunet-l", residual.plan_stunet_l, residual.build_stunet, fit=nnunet.fit_patch, paper_params_m=440.30),
+    "resenc-m": Backbone("resenc-m", residual.plan_resenc_m, residual.build_resenc, fit=nnunet.fit_patch),
 }
 
 
@@ -125,14 +129,27 @@ def optimizer_defaults(arch: str, preset: str) -> dict:
     return dict((backbone(arch).optimizer or {}).get(preset, {}))
 
 
-def step_gflop(plan: NetworkPlan, batch_size: int = 2, in_channels: int = 1) -> float:
+def build_on_meta(plan: NetworkPlan, in_channels: int = 1, residual: bool = False) -> nn.Module:
+    """The plan's module with its weights on the meta device (shapes only, no memory): for
+    counting parameters and operations."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build_backbone(plan, in_channels, residual)
+    except RuntimeError:  # a constructor that reads a tensor's value (Swin UNETR's drop-path rates)
+        return build_backbone(plan, in_channels, residual).to("meta")
+
+
+def step_gflop(plan: NetworkPlan, batch_size: int = 2, in_channels: int = 1, net: nn.Module | None = None) -> float:
     """Floating-point operations (GFLOP; a multiply-add is 2) of one training step of the
     bare backbone: forward and backward of ``batch_size`` patches. Counted by torch's FLOP
-    counter on the meta device, so even the paper's sizes cost no memory or time."""
+    counter on the meta device, so even the paper's sizes cost no memory or time. ``net``:
+    the plan's module, already built (it is moved to the meta device)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = build_backbone(plan, in_channels).to("meta")
+    net = (net if net is not None else build_on_meta(plan, in_channels)).to("meta")
     x = torch.empty((batch_size, in_channels, *plan.patch_size), device="meta")
     with FlopCounterMode(display=False) as counter:
         logits, _ = net(x)
