@@ -236,8 +236,8 @@ def test_the_margin_loss_needs_the_mirror_branch():
         TrainConfig(siamese=False, margin_loss=True)
 
 
-def _tiny_with_test_split(root: Path) -> Path:
-    data = make_tiny_dataset(root, n=6)
+def _tiny_with_test_split(root: Path, seed: int = 0) -> Path:
+    data = make_tiny_dataset(root, n=6, seed=seed)
     for folder in ("imagesTs", "labelsTs"):
         (data / folder).mkdir()
     for i in (4, 5):
@@ -325,7 +325,7 @@ def test_two_processes_share_a_study_by_claiming_runs(tmp_path, monkeypatch):
         trained.append(run.name)
         (run / "model.pt").write_bytes(b"")
 
-    def fake_scores(run, dataset, planes, console, device):
+    def fake_scores(run, dataset, planes, console, device, tag=""):
         rows = [{"case": "case_004", "dsc": 50.0 + len(run.name), "hd95": 3.0, "asd": 1.0, "nsd": 60.0}]
         ablation._write_rows(run / "metrics.csv", rows, ("case", *ablation.METRICS))
         return rows

@@ -149,7 +149,7 @@ def evaluate(
 @user_errors
 def summary(
     preset_name: str = typer.Option("paper", "--preset", help="paper or cpu."),
-    arch: str = typer.Option("nnunet", "--arch", help="Backbone: nnunet, swinunetr, swinunetr-v2, unetr, mednext, stunet-s, stunet-b, stunet-l, resenc-m."),
+    arch: str = typer.Option("nnunet", "--arch", help="Backbone: nnunet, swinunetr, swinunetr-v2, unetr, mednext, stunet-s, stunet-b, stunet-l, resenc-m, umamba-bot."),
     patch: Optional[tuple[int, int, int]] = typer.Option(None, "--patch", help="Patch D H W (z y x voxels)."),
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Spacing Z Y X in mm."),
 ) -> None:
@@ -196,7 +196,7 @@ def train(
     fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoint.pt."),
     variant: Optional[str] = typer.Option(None, "--variant", help="A variant of sats ablation, e.g. unet, fusion, fusion-reg, feature-fusion, sats-joint-union, sats."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Backbone: nnunet (default, the paper's network), swinunetr, swinunetr-v2, unetr, mednext, stunet-s, stunet-b, stunet-l, resenc-m."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Backbone: nnunet (default, the paper's network), swinunetr, swinunetr-v2, unetr, mednext, stunet-s, stunet-b, stunet-l, resenc-m, umamba-bot."),
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Training spacing Z Y X mm (default: the preset's, following the data where it is coarser)."),
     patch_size: Optional[tuple[int, int, int]] = typer.Option(None, "--patch-size", help="Patch D H W voxels."),
     no_projection_head: bool = typer.Option(False, "--no-projection-head", help="Ablation: margin loss on the decoder features."),
@@ -252,6 +252,7 @@ def ablation(
     preset_name: str = typer.Option("cpu", "--preset", help="paper or cpu."),
     variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated variants (default: unet,fusion,fusion-reg,feature-fusion,sats-joint-union,sats)."),
     archs: str = typer.Option("nnunet", "--archs", help="Comma-separated backbones; each variant runs on each (arm variant@arch), paired against unet on nnunet."),
+    test_dataset: Optional[Path] = typer.Option(None, "--test-dataset", help="Also score every run on this dataset's test split (cross-domain; DIR/cross/)."),
     seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Comma-separated seeds (10 for a headline comparison)."),
     fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Total epochs per run (split 4:1 between the stages)."),
@@ -275,6 +276,7 @@ def ablation(
         spacing=list(spacing) if spacing else None, patch_size=list(patch_size) if patch_size else None,
         align=not no_align, unlabelled=str(unlabelled.resolve()) if unlabelled else None,
         archs=[a.strip() for a in archs.split(",") if a.strip()],
+        test_dataset=str(test_dataset.resolve()) if test_dataset else None,
     )
     run_ablation(settings, out, console=console, device=device)
     console.print(f"[bold green]done[/]: {out / 'summary.md'}, {out / 'cases.csv'}, {out / 'ablation.png'}")

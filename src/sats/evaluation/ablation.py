@@ -24,6 +24,8 @@ processes started on the same ``DIR`` share the runs between them)::
     summary.md, summary.json per-variant means and paired differences
     subgroups.json, .png     paired ΔDSC by lesion contrast, volume, midline, side (lesions.json)
     ablation.png             paired per-case differences
+    cross/                   with --test-dataset OTHER: OTHER's test planes, mirrors and these
+                             summaries (each run's test_cross/ and metrics_cross.csv)
 
 **Statistics.** Per variant: metrics averaged over its seeds per case, then mean ± sd
 (ddof 1) over cases. Paired against ``unet`` and ``siamese`` where present (and the
@@ -56,7 +58,7 @@ import numpy as np
 
 from sats.data.io import atomic_path, write_text_atomic
 from sats.geometry.volume import SatsError
-from sats.model.backbones import backbone
+from sats.model.backbones import BACKBONES, backbone
 from sats.model.config import SEMI_VARIANTS, VARIANTS, build, parse_fold
 from sats.model.run import CHECKPOINT_FILE, MODEL_FILE, claim
 
@@ -71,9 +73,11 @@ OWN_BASELINE = {"sats-unsup": ("sats",), "sats-semi": ("sats",), "sats-semi-join
                 "sats": ("unet-2stage", "siamese-2stage")}
 
 
-def baselines_of(variant: str) -> tuple[str, ...]:
-    """What ``variant`` is paired against where present: ``unet``, ``siamese``, and those of :data:`OWN_BASELINE`."""
-    return BASELINES + OWN_BASELINE.get(variant, ())
+def baselines_of(arm: str) -> tuple[str, ...]:
+    """What ``arm`` is paired against where present: ``unet`` and ``siamese`` (on nnunet),
+    and those of :data:`OWN_BASELINE` on the arm's own backbone."""
+    variant, arch = parse_arm(arm)
+    return BASELINES + tuple(arm_name(b, arch) for b in OWN_BASELINE.get(variant, ()))
 
 
 ALL_BASELINES = BASELINES + tuple(sorted({b for bs in OWN_BASELINE.values() for b in bs}))
@@ -98,6 +102,7 @@ class AblationSettings:
     align: bool = True
     unlabelled: str | None = None  # unlabelled CTs for sats-semi
     archs: list[str] = field(default_factory=lambda: ["nnunet"])  # backbones (sats.model.backbones)
+    test_dataset: str | None = None  # also scored on this dataset's test split (cross-domain, cross/)
 
     def __post_init__(self) -> None:
         for a in self.archs:
@@ -122,6 +127,14 @@ def parse_arm(arm: str) -> tuple[str, str]:
     """(variant, arch) of an :func:`arm_name`."""
     variant, _, arch = arm.partition("@")
     return variant, arch or "nnunet"
+
+
+def ordered_arms(names) -> list[str]:
+    """The known arms among ``names`` in table order: each backbone's variants in
+    :data:`~sats.model.config.VARIANTS` order, nnunet's first."""
+    archs, variants = {a: i for i, a in enumerate(BACKBONES)}, {v: i for i, v in enumerate(VARIANTS)}
+    known = [n for n in names if parse_arm(n)[0] in variants and parse_arm(n)[1] in archs]
+    return sorted(known, key=lambda n: (archs[parse_arm(n)[1]], variants[parse_arm(n)[0]]))
 
 
 def study_arms(settings: AblationSettings) -> list[str]:
@@ -256,14 +269,15 @@ def _p(x: float) -> str:
     return "n/a" if not math.isfinite(x) else (f"{x:.4f}" if x >= 1e-4 else f"{x:.1e}")
 
 
-def summary_markdown(summary: dict, settings: AblationSettings, n_runs: dict[str, int]) -> str:
+def summary_markdown(summary: dict, settings: AblationSettings, n_runs: dict[str, int], test_dataset: str | None = None) -> str:
     units = {"dsc": "DSC (%)", "hd95": "HD95 (mm)", "asd": "ASD (mm)", "nsd": "NSD 1 mm (%)"}
-    lines = [f"# sats ablation: {settings.dataset}", "",
+    title = f"{settings.dataset}, tested on {test_dataset} (cross-domain)" if test_dataset else settings.dataset
+    lines = [f"# sats ablation: {title}", "",
              f"Preset `{settings.preset}`, fold {settings.fold}; metrics averaged over each variant's seeds ('runs') per case, "
              "then mean ± sd over test cases.", "",
              "| variant | runs | cases | " + " | ".join(units[m] for m in METRICS) + " |",
              "|---|---|---|" + "---|" * len(METRICS)]
-    for v in [v for v in VARIANTS if v in summary["variants"]]:
+    for v in ordered_arms(summary["variants"]):
         s = summary["variants"][v]
         cells = []
         for m in METRICS:
@@ -271,7 +285,7 @@ def summary_markdown(summary: dict, settings: AblationSettings, n_runs: dict[str
             cells.append(cell + (f" ({s[m]['empty']} empty)" if s[m]["empty"] else ""))
         lines.append(f"| {v} | {n_runs.get(v, 0)} | {max(s[m]['n'] + s[m]['empty'] for m in METRICS)} | " + " | ".join(cells) + " |")
     for b in ALL_BASELINES:
-        rows = [(v, summary["paired"][v][b]) for v in VARIANTS if summary["paired"].get(v, {}).get(b)]
+        rows = [(v, summary["paired"][v][b]) for v in ordered_arms(summary["paired"]) if summary["paired"][v].get(b)]
         if not rows:
             continue
         lines += ["", f"## Paired against `{b}` (variant minus {b})", "",
@@ -333,7 +347,7 @@ def lesion_subgroups(rows: list[dict], lesions_file: Path, baseline: str = "unet
         return []
     out = []
     groups = lesion_groups(lesions, sorted({r["case"] for r in rows}))
-    for v in [v for v in VARIANTS if v in table and v != baseline]:
+    for v in [v for v in ordered_arms(table) if v != baseline]:
         for name, cases in groups.items():
             _, d = seed_case_differences(table[v], table[baseline], "dsc", cases)
             if d.size == 0:
@@ -401,7 +415,7 @@ def plot_paired(summary_rows: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, max(1, len(baselines)), figsize=(6 * max(1, len(baselines)), 4.2), squeeze=False)
     rng = np.random.default_rng(0)
     for ax, b in zip(axes[0], baselines):
-        others = [v for v in VARIANTS if v in means and v != b and b in baselines_of(v)]
+        others = [v for v in ordered_arms(means) if v != b and b in baselines_of(v)]
         for i, v in enumerate(others):
             cases = sorted(set(means[v]) & set(means[b]))
             d = np.array([means[v][c]["dsc"] - means[b][c]["dsc"] for c in cases])
@@ -467,14 +481,17 @@ def _test_planes(dataset: Path, out: Path, align: bool, console) -> dict:
     return planes
 
 
-def _predict_and_score(run: Path, dataset: Path, planes: dict, console, device: str | None = None) -> list[dict]:
-    """Predict every test CT into ``run/test`` (cases already there are kept), then score."""
+def _predict_and_score(run: Path, dataset: Path, planes: dict, console, device: str | None = None,
+                       tag: str = "") -> list[dict]:
+    """Predict every test CT of ``dataset`` into ``run/test`` (cases already there are kept),
+    then score into ``run/metrics.csv``; ``tag`` "cross": another dataset's test split, into
+    ``run/test_cross`` and ``run/metrics_cross.csv``."""
     from sats.data.dataset import list_cases
     from sats.data.io import read_image, write_image
     from sats.evaluation.metrics import compute_metrics
     from sats.predict.inference import load_run, predict_case
 
-    scores = run / "metrics.csv"
+    scores = run / scores_name(tag)
     if scores.exists():
         return _read_rows(scores)
     import torch
@@ -483,12 +500,13 @@ def _predict_and_score(run: Path, dataset: Path, planes: dict, console, device: 
     loaded = load_run(run, device)
     rows = []
     for case in list_cases(dataset, "Ts"):
-        target = run / "test" / f"{case.case_id}.nii.gz"
+        target = run / ("test_" + tag if tag else "test") / f"{case.case_id}.nii.gz"
         ct = read_image(case.image)
         if target.exists():
             mask = read_image(target)
         else:
-            mirror = _test_mirror(run.parent.parent, case.case_id, ct, loaded, planes.get(case.case_id))
+            study = run.parent.parent / tag if tag else run.parent.parent
+            mirror = _test_mirror(study, case.case_id, ct, loaded, planes.get(case.case_id))
             pre = loaded.preprocessor(ct, alignment=planes.get(case.case_id), mirror_hu=mirror)
             mask = predict_case(loaded, ct, pre, device=device).mask
             write_image(mask, target)
@@ -496,6 +514,11 @@ def _predict_and_score(run: Path, dataset: Path, planes: dict, console, device: 
         rows.append({"case": case.case_id, "dsc": m.dsc, "hd95": m.hd95, "asd": m.asd, "nsd": m.nsd})
     _write_rows(scores, rows, ("case", *METRICS))
     return _read_rows(scores)
+
+
+def scores_name(tag: str = "") -> str:
+    """A run's per-case scores on the study's test split (``metrics.csv``) or on ``tag``'s."""
+    return f"metrics_{tag}.csv" if tag else "metrics.csv"
 
 
 def _test_mirror(study: Path, case_id: str, ct, loaded, alignment) -> np.ndarray | None:
@@ -508,14 +531,15 @@ def _test_mirror(study: Path, case_id: str, ct, loaded, alignment) -> np.ndarray
         from dataclasses import replace
 
         hu = replace(loaded.preprocessor, stats=None)(ct, alignment=alignment).mirror_reg
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.save(fh, hu)
     return np.load(path, allow_pickle=False)
 
 
-def write_outputs(out: Path, settings: AblationSettings, rows: list[dict]) -> dict:
-    """cases.csv, summary.md, summary.json and ablation.png from the rows so far."""
+def write_outputs(out: Path, settings: AblationSettings, rows: list[dict], test_dataset: str | None = None) -> dict:
+    """cases.csv, summary.md, summary.json and ablation.png from the rows so far (scored on
+    ``test_dataset``'s test split where given, else on the study's own)."""
     _write_rows(out / "cases.csv", rows, ("variant", "seed", "case", *METRICS))
     rows = _read_rows(out / "cases.csv")  # the statistics use exactly what the CSV holds
     # Each variant's row uses every seed it has finished; each comparison pairs the seeds
@@ -523,8 +547,9 @@ def write_outputs(out: Path, settings: AblationSettings, rows: list[dict]) -> di
     # whose headline pair runs more seeds, compares like with like.
     summary = summarize_rows(rows)
     n_runs = {v: len({r["seed"] for r in rows if r["variant"] == v}) for v in sorted({r["variant"] for r in rows})}
-    subgroups = lesion_subgroups(rows, Path(settings.dataset) / "lesions.json")
-    write_text_atomic(out / "summary.md", summary_markdown(summary, settings, n_runs) + subgroups_markdown(subgroups))
+    subgroups = lesion_subgroups(rows, Path(test_dataset or settings.dataset) / "lesions.json")
+    md = summary_markdown(summary, settings, n_runs, test_dataset)
+    write_text_atomic(out / "summary.md", md + subgroups_markdown(subgroups))
     if subgroups:
         write_text_atomic(out / "subgroups.json", json.dumps(subgroups, indent=2))
         plot_subgroups(subgroups, out / "subgroups.png")
@@ -533,24 +558,23 @@ def write_outputs(out: Path, settings: AblationSettings, rows: list[dict]) -> di
     return summary
 
 
-def run_ablation(settings: AblationSettings, out: Path, console=None, device: str | None = None) -> dict:
-    """Train, predict and evaluate every (variant, seed); resumable at any point."""
-    from rich.console import Console
-
+def _check_test_split(dataset: Path) -> None:
+    """The study scores on ``dataset``'s imagesTs: it needs labelsTs and a clean `sats check`."""
     from sats.data.dataset import check_dataset, list_cases
-    from sats.model.training import train
 
-    console = console or Console()
-    dataset, out = Path(settings.dataset), Path(out)
     test = list_cases(dataset, "Ts")
     if not test or any(c.label is None for c in test):
         raise SatsError(f"{dataset}: the ablation evaluates on imagesTs, which needs labelsTs for every case")
     report = check_dataset(dataset)
     if report.problems:
         raise SatsError(f"{dataset}: fails `sats check` ({len(report.problems)} problem(s)); first: {report.problems[0]}")
+
+
+def _open_study(settings: AblationSettings, out: Path) -> None:
+    """Create the study folder, or check that the one there was made with these settings."""
     stored = out / "ablation.json"
     if stored.exists():
-        # Runs are independent per (variant, seed), so a study may grow or shrink its
+        # Runs are independent per (arm, seed), so a study may grow or shrink its archs,
         # variants and seeds; every other setting must match what its runs were trained with.
         before, now = json.loads(stored.read_text()), asdict(settings)
         changed = [k for k in before if k not in ("variants", "seeds", "archs") and before.get(k) != now.get(k)]
@@ -560,8 +584,30 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
         out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(stored, json.dumps(asdict(settings), indent=2))
 
+
+def _test_sets(settings: AblationSettings, out: Path) -> dict[str, tuple[Path, Path]]:
+    """{tag: (dataset, folder)}: the study's own test split ("") and, with ``test_dataset``,
+    the other dataset's ("cross", in ``out/cross``: its planes, mirrors and summary)."""
+    sets = {"": (Path(settings.dataset), out)}
+    if settings.test_dataset:
+        sets["cross"] = (Path(settings.test_dataset), out / "cross")
+    return sets
+
+
+def run_ablation(settings: AblationSettings, out: Path, console=None, device: str | None = None) -> dict:
+    """Train, predict and evaluate every (arm, seed); resumable at any point."""
+    from rich.console import Console
+
+    from sats.model.training import train
+
+    console = console or Console()
+    dataset, out = Path(settings.dataset), Path(out)
+    sets = _test_sets(settings, out)
+    for test_data, _ in sets.values():
+        _check_test_split(test_data)
+    _open_study(settings, out)
     runs = [(v, s) for s in settings.seeds for v in study_arms(settings)]  # seed-major: early results cover every variant
-    planes = None
+    planes: dict[str, dict] = {}
     spent: list[float] = []
     # Several `sats ablation` processes (or machines sharing the folder) may work on one
     # study: each claims a run while it trains, predicts and scores it, and leaves runs
@@ -578,15 +624,18 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
                                   highlight=False)
                     busy.append((i, (variant, seed)))
                     continue
+                cfg = variant_config(settings, variant, seed)
                 if not _run_done(run):
-                    cfg = variant_config(settings, variant, seed)
                     console.rule(f"run {i}/{len(runs)}: {variant}, seed {seed}")
                     train(dataset, run, cfg, resume=(run / CHECKPOINT_FILE).exists(), cache=out / "cache", device=device,
                           console=console)
-                if planes is None:
-                    planes = _test_planes(dataset, out, variant_config(settings, variant, seed).align, console)
-                _predict_and_score(run, dataset, planes, console, device)
+                for tag, (test_data, folder) in sets.items():
+                    if tag not in planes:
+                        planes[tag] = _test_planes(test_data, folder, cfg.align, console)
+                    _predict_and_score(run, test_data, planes[tag], console, device, tag)
             summary = write_outputs(out, settings, study_rows(out))
+            if "cross" in sets:
+                write_outputs(out / "cross", settings, study_rows(out, "cross"), settings.test_dataset)
             took = time.time() - t0
             if took > 60:
                 spent.append(took)
@@ -599,11 +648,11 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
     return summarize_rows(study_rows(out))
 
 
-def study_rows(out: Path) -> list[dict]:
+def study_rows(out: Path, tag: str = "") -> list[dict]:
     """Every scored run of the study folder (``runs/{variant}-s{seed}/metrics.csv``), whichever
     invocation ran it: a study may grow its variants and seeds, and its summary covers them all."""
     rows = []
-    for scores in sorted(Path(out).glob("runs/*/metrics.csv")):
+    for scores in sorted(Path(out).glob(f"runs/*/{scores_name(tag)}")):
         variant, seed = scores.parent.name.rsplit("-s", 1)
         rows += [{"variant": variant, "seed": int(seed), **{k: r[k] for k in ("case", *METRICS)}} for r in _read_rows(scores)]
     return rows
