@@ -23,14 +23,15 @@ from test_training import make_tiny_dataset, tiny_config
 ARCHS = sorted(BACKBONES)
 #: Table 1 of the paper, millions of parameters at 56 x 192 x 192 with one output channel.
 PAPER_M = {"nnunet": 30.70, "swinunetr": 62.19, "swinunetr-v2": 72.89, "unetr": 93.01, "mednext": 61.80,
-           "stunet-s": 14.60, "stunet-b": 58.26, "stunet-l": 440.30, "umamba-bot": 64.76}
+           "stunet-s": 14.60, "stunet-b": 58.26, "stunet-l": 440.30, "umamba-bot": 64.76,
+           "transunet": 119.37}
 #: The paper gives no plan for these; the issue allows 10 %. U-Mamba Bot built as U-Mamba's
 #: code builds it with nnU-Net's plan for the paper's patch comes to 57.92 M (-10.6 %):
 #: reported as it is (BENCHMARKS.md), not tuned to the figure.
-TOLERANCE = {"umamba-bot": 0.12}
+TOLERANCE = {"umamba-bot": 0.12, "transunet": 0.10}
 #: One arch of each family (and each build function) trains a RUN below; the others of a
 #: family differ only in widths and depths, which the parameter counts check.
-RUN_ARCHS = ["swinunetr", "unetr", "mednext", "stunet-s", "resenc-m"]
+RUN_ARCHS = ["swinunetr", "unetr", "mednext", "stunet-s", "resenc-m", "transunet"]
 
 
 def test_every_arch_but_resenc_is_in_the_papers_table():
@@ -137,6 +138,7 @@ def test_the_mamba_bottleneck_mixes_every_voxel_causally():
 def test_the_paper_optimiser_per_arch_and_an_explicit_choice_wins():
     assert build("paper", arch="unetr").optimizer == "adamw" and build("paper", arch="unetr").lr == 1e-5
     assert build("paper", arch="swinunetr").optimizer == "sgd" and build("paper", arch="swinunetr").lr == 1e-2
+    assert build("paper", arch="transunet").optimizer == "sgd" and build("paper", arch="transunet").lr == 1e-3
     assert build("paper", arch="unetr", lr=3e-4).lr == 3e-4
     assert build("cpu", arch="unetr").lr == build("cpu").lr and optimizer_defaults("unetr", "cpu") == {}
     with pytest.raises(SatsError, match="--arch must be one of"):
@@ -146,7 +148,7 @@ def test_the_paper_optimiser_per_arch_and_an_explicit_choice_wins():
 def test_cpu_scales_cost_about_what_the_default_costs():
     """Within 25 % of nnunet's cpu step where the arch can be made that small (not Swin UNETR)."""
     ref = step_gflop(plan_backbone("nnunet", (24, 80, 80), (3.0, 1.6, 1.6), "cpu", 8, 128))
-    for arch in ("unetr", "mednext", "stunet-s", "stunet-b", "stunet-l", "resenc-m"):
+    for arch in ("unetr", "mednext", "stunet-s", "stunet-b", "stunet-l", "resenc-m", "umamba-bot", "transunet"):
         got = step_gflop(plan_backbone(arch, (24, 80, 80), (3.0, 1.6, 1.6), "cpu", 8, 128))
         assert abs(got / ref - 1) <= 0.25, f"{arch}: {got:.1f} GFLOP against {ref:.1f}"
 

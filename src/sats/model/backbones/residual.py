@@ -1,6 +1,6 @@
 """Residual U-Nets built from MONAI's blocks: STU-Net (S, B, L; Huang et al. 2023),
 nnU-Net's residual-encoder U-Net (ResEnc M; Isensee et al., MICCAI 2024) and U-Mamba Bot
-(Ma et al. 2024).
+(Ma et al. 2024), and the 3D TransUNet (Chen et al. 2023).
 
 Both keep nnU-Net's plan of strides from the patch and spacing
 (:func:`~sats.model.backbones.nnunet.plan_network`); they differ in their blocks:
@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution, UnetOutBlock, UnetResBlock
+from monai.networks.blocks import Convolution, UnetBasicBlock, UnetOutBlock, UnetResBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from torch import nn
 
 from sats.model.backbones.mamba import MambaLayer
 from sats.model.backbones.nnunet import NetworkPlan, plan_network
+from sats.model.backbones.transformer import ViTBottleneck
 
 NORM = ("INSTANCE", {"affine": True})
 ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
@@ -44,10 +45,15 @@ ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
 #: encoder stage (a list, or one number for every stage); ``decoder``: "res" (``decoder_blocks``
 #: residual blocks a stage) or "conv" (one conv-norm-LeakyReLU); ``up``: "interp" (nearest,
 #: then a 1 x 1 x 1 conv) or "transpose"; ``stem``: a conv before the first stage;
-#: ``mamba``: a Mamba layer over the bottleneck's voxels (:mod:`.mamba`).
+#: ``mamba``: a Mamba layer over the bottleneck's voxels (:mod:`.mamba`); ``vit``: a ViT there
+#: (:mod:`.transformer`); ``encoder`` "plain": two conv-norm-LeakyReLU a stage, no shortcut.
 _STU = {"blocks": 1, "decoder": "res", "decoder_blocks": 1, "up": "interp", "stem": False, "isotropic": True}
 _RESENC = {"blocks": [1, 3, 4, 6, 6, 6, 6], "decoder": "conv", "up": "transpose", "stem": True, "isotropic": False}
 _UMAMBA = {"blocks": 2, "decoder": "res", "decoder_blocks": 2, "up": "transpose", "stem": True, "isotropic": False, "mamba": True}
+#: 3D TransUNet, encoder-only: nnU-Net's plain U-Net (two conv-norm-LeakyReLU a stage, no
+#: shortcut) with a 12-layer ViT-B over the bottleneck's voxels.
+_TRANS = {"blocks": 1, "encoder": "plain", "decoder": "plain", "up": "transpose", "stem": False, "isotropic": False,
+          "vit": {"hidden": 768, "layers": 12, "heads": 12, "mlp": 3072}}
 SCALES: dict[str, dict[str, dict]] = {
     "stunet-s": {"paper": {**_STU, "base": 16, "cap": 256}, "cpu": {**_STU, "base": 8, "cap": 128}},
     "stunet-b": {"paper": {**_STU, "base": 32, "cap": 512}, "cpu": {**_STU, "base": 8, "cap": 128}},
@@ -55,6 +61,8 @@ SCALES: dict[str, dict[str, dict]] = {
                  "cpu": {**_STU, "base": 6, "cap": 96, "blocks": 2, "decoder_blocks": 2}},
     "resenc-m": {"paper": {**_RESENC, "base": 32, "cap": 320}, "cpu": {**_RESENC, "base": 6, "cap": 96}},
     "umamba-bot": {"paper": {**_UMAMBA, "base": 32, "cap": 320}, "cpu": {**_UMAMBA, "base": 6, "cap": 96}},
+    "transunet": {"paper": {**_TRANS, "base": 32, "cap": 320},
+                  "cpu": {**_TRANS, "base": 8, "cap": 96, "vit": {"hidden": 96, "layers": 4, "heads": 4, "mlp": 384}}},
 }
 
 
@@ -76,6 +84,10 @@ def planner(arch: str):
 
 def _res(cin: int, cout: int, kernel, stride=1) -> UnetResBlock:
     return UnetResBlock(3, cin, cout, kernel, stride, NORM, ACT)
+
+
+def _plain(cin: int, cout: int, kernel, stride=1) -> UnetBasicBlock:
+    return UnetBasicBlock(3, cin, cout, kernel, stride, NORM, ACT)
 
 
 class Upsample(nn.Module):
@@ -103,18 +115,24 @@ class ResidualUNet(nn.Module):
         self.stem = Convolution(3, in_channels, f[0], kernel_size=k[0], norm=NORM, act=ACT) if o["stem"] else None
         cin = f[0] if o["stem"] else in_channels
         self.encoder = nn.ModuleList()
+        block = _plain if o.get("encoder") == "plain" else _res
         for i in range(n):
-            blocks = [_res(cin if j == 0 else f[i], f[i], k[i], s[i] if j == 0 else 1) for j in range(enc_blocks[i])]
+            blocks = [block(cin if j == 0 else f[i], f[i], k[i], s[i] if j == 0 else 1) for j in range(enc_blocks[i])]
             self.encoder.append(nn.Sequential(*blocks))
             cin = f[i]
         self.bottleneck = MambaLayer(f[-1]) if o.get("mamba") else None
+        if o.get("vit"):
+            deepest = [p // t for p, t in zip(plan.patch_size, plan.total_stride)]
+            self.bottleneck = ViTBottleneck(f[-1], int(deepest[0] * deepest[1] * deepest[2]), **o["vit"])
         self.up, self.decoder = nn.ModuleList(), nn.ModuleList()
         for i in range(n - 2, -1, -1):
             if o["up"] == "interp":
                 self.up.append(Upsample(f[i + 1], f[i], s[i + 1]))
             else:
                 self.up.append(get_conv_layer(3, f[i + 1], f[i], s[i + 1], s[i + 1], conv_only=True, is_transposed=True))
-            if o["decoder"] == "res":
+            if o["decoder"] == "plain":
+                self.decoder.append(_plain(2 * f[i], f[i], k[i]))
+            elif o["decoder"] == "res":
                 self.decoder.append(nn.Sequential(*[_res(2 * f[i] if j == 0 else f[i], f[i], k[i]) for j in range(o["decoder_blocks"])]))
             else:
                 self.decoder.append(Convolution(3, 2 * f[i], f[i], kernel_size=k[i], norm=NORM, act=ACT))
