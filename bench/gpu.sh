@@ -4,6 +4,7 @@
 #   2. a short real `sats train --preset paper` on phantoms (prints the projected schedule);
 #   3. `sats predict --device cuda` on a 512 x 512 x 150 phantom, both precisions.
 #   4. where a GPU prediction's time goes, stage by stage (bench/predict_stages.py).
+#   5. every backbone at the paper's scale (issue 25): s/step and peak memory, bf16 (STEPS=5 alone: ~4 min).
 #   RESULTS=/tmp/gpu [STEPS=1234] bash bench/gpu.sh
 # Expects monai and SimpleITK importable (on a bare GPU image: carried wheels on PYTHONPATH).
 set -u
@@ -14,7 +15,7 @@ log() { tee -a "$RESULTS/gpu.txt"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | log
 python3 -c "import torch; print('torch', torch.__version__)" | log
 step() { echo "== $*" | log; }
-STEPS=${STEPS:-1234}
+STEPS=${STEPS:-12345}
 want() { [[ $STEPS == *$1* ]]; }
 
 if want 1; then
@@ -47,5 +48,11 @@ fi
 if want 4; then
 step "4. stages of one GPU prediction (reading excluded)"
 python3 bench/predict_stages.py "$WORK/run" "$WORK/big/big_0000.nii.gz" --device cuda 2>&1 | grep -v -i warn | log
+fi
+if want 5; then
+step "5. paper-scale training steps of every backbone (bf16, synthetic batches)"
+for a in nnunet swinunetr swinunetr-v2 unetr mednext stunet-s stunet-b stunet-l resenc-m umamba-bot transunet; do
+  timeout 90 python3 bench/train_speed.py --preset paper --device cuda --iters 5 --warmup 2 --amp --arch $a 2>&1 | grep -v -i warn | tail -4 | sed "s/^/$a: /" | log
+done
 fi
 true

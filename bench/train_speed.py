@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sats.model.config import preset
+from sats.model.backbones import plan_backbone
+from sats.model.config import build
 from sats.model.losses import SegmentationLoss
-from sats.model.network import SATsNet, count_parameters, plan_network, prefers_channels_last
+from sats.model.network import SATsNet, count_parameters, prefers_channels_last
 from sats.model.training import prepare_model, stage_optimizer, train_step, uses_bf16
 
 
@@ -37,10 +39,12 @@ def main() -> None:
     ap.add_argument("--amp", action="store_true", help="bf16 autocast where sats train uses it (its default)")
     ap.add_argument("--plain", action="store_true", help="as before the speed work: default layout, no cuDNN autotune, unfused optimiser")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder-decoder")
+    ap.add_argument("--arch", default="nnunet", help="backbone (sats.model.backbones); its patch is rounded up to what it takes")
     args = ap.parse_args()
-    cfg = preset(args.preset)
+    cfg = build(args.preset, arch=args.arch)
     dev = torch.device(args.device)
-    plan = plan_network(cfg.patch_size, cfg.spacing or (3.0, 1.0, 1.0), cfg.base_features, cfg.max_features)
+    plan = plan_backbone(cfg.arch, cfg.patch_size, cfg.spacing or (3.0, 1.0, 1.0), cfg.preset, cfg.base_features, cfg.max_features)
+    cfg = replace(cfg, patch_size=plan.patch_size)
     model = SATsNet(plan).to(dev) if args.plain else prepare_model(SATsNet(plan), dev, args.amp, args.compile)  # as sats train does
     bf16 = uses_bf16(args.amp, dev)
     layout = "channels-last" if not args.plain and prefers_channels_last(plan, dev, bf16) else "default"
@@ -50,7 +54,7 @@ def main() -> None:
     s = torch.zeros(b, 1, *cfg.patch_size, device=dev)
     d, h, w = cfg.patch_size
     s[:, :, d // 4 : d // 2, h // 4 : h // 2, w // 4 : w // 2] = 1
-    print(f"preset {cfg.preset}, patch {cfg.patch_size}, batch {b} (x2 Siamese), {count_parameters(model.encoder_decoder):,} parameters, "
+    print(f"arch {cfg.arch}, preset {cfg.preset}, patch {cfg.patch_size}, batch {b} (x2 Siamese), {count_parameters(model.encoder_decoder):,} parameters, "
           f"device {dev}{' ' + torch.cuda.get_device_name(dev) if dev.type == 'cuda' else ''}, {'bf16' if bf16 else 'fp32'}, {layout} layout, "
           f"{'plain' if args.plain else 'prepared'}{', compiled' if args.compile else ''}")
     print(f"{'stage':>5} {'it/s':>8} {'s/it':>8} {'peak GiB':>9} {'GFLOP':>7} {'GFLOP/s':>8}")
