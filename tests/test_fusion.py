@@ -251,3 +251,23 @@ def test_a_fusion_run_serves_dicom_like_sats_predict(fusion_runs, make_predictin
     """A registered-mirror fusion RUN through the DICOM node."""
     runs, data = fusion_runs
     assert_served_like_predict(runs["fusion-reg"], sorted((data / "imagesTr").iterdir())[1], make_predicting_run, tmp_path)
+
+
+def test_a_small_ablation_of_the_fusion_arms_runs_end_to_end(tmp_path):
+    """`sats ablation --variants unet,fusion,fusion-reg --seeds 0,1 --epochs 2 --iters-per-epoch 2`:
+    every run scored, and summary.json's two intervals and per-seed differences for each arm."""
+    from test_ablation import _tiny_with_test_split
+
+    data = _tiny_with_test_split(tmp_path / "tiny")
+    out = tmp_path / "study"
+    result = CliRunner().invoke(app, ["ablation", str(data), "--out", str(out), "--variants", "unet,fusion,fusion-reg",
+                                      "--seeds", "0,1", "--epochs", "2", "--iters-per-epoch", "2", "--no-align",
+                                      "--fold", "all", "--patch-size", "16", "32", "32"])
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "runs").glob("*/metrics.csv"))) == 6
+    paired = json.loads((out / "summary.json").read_text())
+    for arm in ("fusion", "fusion-reg"):
+        dsc = paired[arm]["unet"]["dsc"]
+        assert dsc["ci_low_2level"] <= dsc["mean_diff"] <= dsc["ci_high_2level"] and len(dsc["per_seed"]) == 2
+        assert dsc["ci_low"] <= dsc["mean_diff"] <= dsc["ci_high"] and dsc["seeds"] == [0, 1]
+    assert len(list((out / "test_mirrors").glob("*.npy"))) == len(list((data / "imagesTs").iterdir()))  # fusion-reg's, once
