@@ -38,8 +38,7 @@ from sats.model.backbones.nnunet import NetworkPlan
 class Backbone:
     """One arch: how to plan it, how to build it, and its optimiser per preset.
 
-    Attributes:
-        name: the ``--arch`` value.
+    Attributes (its ``--arch`` name is its key in :data:`BACKBONES`):
         plan: ``(patch, spacing, preset, base_features, max_features) -> NetworkPlan``.
         build: ``(plan, in_channels, residual) -> nn.Module`` returning ``(logits, features)``.
         multiple: every axis of the patch must be a multiple of it (the planner rounds up).
@@ -50,7 +49,6 @@ class Backbone:
         paper_params_m: the paper's parameter count (Table 1, millions) at 56 x 192 x 192, or None.
     """
 
-    name: str
     plan: Callable[..., NetworkPlan]
     build: Callable[..., nn.Module]
     multiple: int = 1
@@ -60,25 +58,25 @@ class Backbone:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "nnunet": Backbone("nnunet", nnunet.plan, nnunet.build, fit=nnunet.fit_patch, paper_params_m=30.70),
-    "swinunetr": Backbone("swinunetr", monai_nets.plan_swinunetr, monai_nets.build_swinunetr, 32,
+    "nnunet": Backbone(nnunet.plan, nnunet.build, fit=nnunet.fit_patch, paper_params_m=30.70),
+    "swinunetr": Backbone(monai_nets.plan_swinunetr, monai_nets.build_swinunetr, 32,
                           paper_params_m=62.19),
-    "swinunetr-v2": Backbone("swinunetr-v2", monai_nets.plan_swinunetr_v2, monai_nets.build_swinunetr, 32,
+    "swinunetr-v2": Backbone(monai_nets.plan_swinunetr_v2, monai_nets.build_swinunetr, 32,
                              paper_params_m=72.89),
     # The paper trains UNETR with AdamW at 1e-5 (Sec. 4.2); at that rate the cpu schedule of
     # 2,000 steps barely moves, so the cpu preset keeps its AdamW 3e-3 for every arch.
-    "unetr": Backbone("unetr", monai_nets.plan_unetr, monai_nets.build_unetr, 16,
+    "unetr": Backbone(monai_nets.plan_unetr, monai_nets.build_unetr, 16,
                       optimizer={"paper": {"optimizer": "adamw", "lr": 1e-5}}, paper_params_m=93.01),
-    "mednext": Backbone("mednext", monai_nets.plan_mednext, monai_nets.build_mednext, 16, paper_params_m=61.80),
-    "stunet-s": Backbone("stunet-s", residual.planner("stunet-s"), residual.build, fit=nnunet.fit_patch, paper_params_m=14.60),
-    "stunet-b": Backbone("stunet-b", residual.planner("stunet-b"), residual.build, fit=nnunet.fit_patch, paper_params_m=58.26),
-    "stunet-l": Backbone("stunet-l", residual.planner("stunet-l"), residual.build, fit=nnunet.fit_patch, paper_params_m=440.30),
-    "resenc-m": Backbone("resenc-m", residual.planner("resenc-m"), residual.build, fit=nnunet.fit_patch),
+    "mednext": Backbone(monai_nets.plan_mednext, monai_nets.build_mednext, 16, paper_params_m=61.80),
+    "stunet-s": Backbone(residual.planner("stunet-s"), residual.build, fit=nnunet.fit_patch, paper_params_m=14.60),
+    "stunet-b": Backbone(residual.planner("stunet-b"), residual.build, fit=nnunet.fit_patch, paper_params_m=58.26),
+    "stunet-l": Backbone(residual.planner("stunet-l"), residual.build, fit=nnunet.fit_patch, paper_params_m=440.30),
+    "resenc-m": Backbone(residual.planner("resenc-m"), residual.build, fit=nnunet.fit_patch),
     # The paper's UMambaBot count (64.76 M) depends on a plan it does not give: +-10 %.
-    "umamba-bot": Backbone("umamba-bot", residual.planner("umamba-bot"), residual.build, fit=nnunet.fit_patch,
+    "umamba-bot": Backbone(residual.planner("umamba-bot"), residual.build, fit=nnunet.fit_patch,
                            paper_params_m=64.76),
     # The paper trains TransUNet with SGD at 1e-3 (Sec. 4.2); its count depends on a plan it does not give.
-    "transunet": Backbone("transunet", residual.planner("transunet"), residual.build, fit=nnunet.fit_patch,
+    "transunet": Backbone(residual.planner("transunet"), residual.build, fit=nnunet.fit_patch,
                           optimizer={"paper": {"lr": 1e-3}}, paper_params_m=119.37),
 }
 

@@ -12,6 +12,7 @@ raster order, are the sequence. :class:`Mamba` maps ``(B, L, C) -> (B, L, C)``.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     return (torch.stack(ys, dim=1) + u * D.float()).to(dtype)
 
 
-def _fused_scan():
+@lru_cache(maxsize=1)
+def _fused_scan():  # looked up once: a failed import is not retried every step
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except ImportError:
