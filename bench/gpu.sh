@@ -51,7 +51,7 @@ python3 bench/predict_stages.py "$WORK/run" "$WORK/big/big_0000.nii.gz" --device
 fi
 if want 5; then
 step "5. paper-scale training steps of every backbone (bf16, synthetic batches)"
-for a in nnunet swinunetr swinunetr-v2 unetr mednext stunet-s stunet-b stunet-l resenc-m umamba-bot transunet; do
+for a in nnunet swinunetr swinunetr-v2 unetr mednext stunet-s stunet-b stunet-l resenc-m resenc-l umamba-bot transunet; do
   timeout 90 python3 bench/train_speed.py --preset paper --device cuda --iters 5 --warmup 2 --amp --arch $a 2>&1 | grep -v -i warn | tail -4 | sed "s/^/$a: /" | log
 done
 fi

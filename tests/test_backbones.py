@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from sats.cli import app
 from sats.data.io import read_image, write_image
 from sats.geometry.volume import SatsError, Volume
-from sats.model.backbones import BACKBONES, optimizer_defaults, plan_backbone, round_patch, step_gflop
+from sats.model.backbones import BACKBONES, optimizer_defaults, plan_backbone, round_patch, step_gflop, train_patch
 from sats.model.config import build
 from sats.model.network import SATsNet
 from sats.model.training import train
@@ -35,7 +35,7 @@ RUN_ARCHS = ["swinunetr", "unetr", "mednext", "stunet-s", "resenc-m", "transunet
 
 
 def test_every_arch_but_resenc_is_in_the_papers_table():
-    assert set(PAPER_M) == set(ARCHS) - {"resenc-m"}
+    assert set(PAPER_M) == set(ARCHS) - {"resenc-m", "resenc-l"}
     assert {BACKBONES[a].build for a in RUN_ARCHS} | {BACKBONES["nnunet"].build} == {b.build for b in BACKBONES.values()}
 
 
@@ -48,6 +48,23 @@ def test_resenc_m_has_nnunets_residual_encoder():
     net = build_on_meta(plan)
     assert [len(stage) for stage in net.encoder] == [1, 3, 4, 6, 6, 6] and plan.features == [32, 64, 128, 256, 320, 320]
     assert plan.kernel_sizes[0] == (1, 3, 3) and net.stem is not None and len(net.decoder) == 5
+
+
+@pytest.mark.parametrize("patch", [(56, 192, 192), (24, 80, 80), (13, 37, 50)])
+def test_resenc_l_is_resenc_m_on_three_times_the_patch(patch):
+    """nnU-Net's L preset: M's network for a 3x larger memory target, spent on the patch."""
+    from sats.model.backbones import build_on_meta
+
+    spacing = (3.0, 1.0, 1.0)
+    m, big = train_patch("resenc-m", patch, spacing), train_patch("resenc-l", patch, spacing)
+    assert m == round_patch("resenc-m", patch, spacing)
+    assert 0.8 <= np.prod(big) / (3 * np.prod(patch)) <= 1.25, (patch, big)  # about 3x the run's patch
+    assert np.prod(big) > 2 * np.prod(m)
+    assert round_patch("resenc-l", big, spacing) == big  # planning it again keeps it
+    assert max(b / p for b, p in zip(big, patch)) / min(b / p for b, p in zip(big, patch)) < 1.6  # about the run's aspect
+    plan_l, plan_m = plan_backbone("resenc-l", big, spacing), plan_backbone("resenc-m", big, spacing)
+    assert plan_l.features == plan_m.features and plan_l.strides == plan_m.strides
+    assert sum(p.numel() for p in build_on_meta(plan_l).parameters()) == sum(p.numel() for p in build_on_meta(plan_m).parameters())
 
 
 @pytest.mark.parametrize("arch", sorted(PAPER_M))
@@ -148,8 +165,9 @@ def test_the_paper_optimiser_per_arch_and_an_explicit_choice_wins():
 def test_cpu_scales_cost_about_what_the_default_costs():
     """Within 25 % of nnunet's cpu step where the arch can be made that small (not Swin UNETR)."""
     ref = step_gflop(plan_backbone("nnunet", (24, 80, 80), (3.0, 1.6, 1.6), "cpu", 8, 128))
-    for arch in ("unetr", "mednext", "stunet-s", "stunet-b", "stunet-l", "resenc-m", "umamba-bot", "transunet"):
-        got = step_gflop(plan_backbone(arch, (24, 80, 80), (3.0, 1.6, 1.6), "cpu", 8, 128))
+    for arch in ("unetr", "mednext", "stunet-s", "stunet-b", "stunet-l", "resenc-m", "resenc-l", "umamba-bot", "transunet"):
+        patch = train_patch(arch, (24, 80, 80), (3.0, 1.6, 1.6))
+        got = step_gflop(plan_backbone(arch, patch, (3.0, 1.6, 1.6), "cpu", 8, 128))
         assert abs(got / ref - 1) <= 0.25, f"{arch}: {got:.1f} GFLOP against {ref:.1f}"
 
 

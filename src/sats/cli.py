@@ -149,20 +149,20 @@ def evaluate(
 @user_errors
 def summary(
     preset_name: str = typer.Option("paper", "--preset", help="paper or cpu."),
-    arch: str = typer.Option("nnunet", "--arch", help="Backbone: nnunet, swinunetr, swinunetr-v2, unetr, mednext, stunet-s, stunet-b, stunet-l, resenc-m, umamba-bot, transunet."),
+    arch: str = typer.Option("nnunet", "--arch", help="Backbone: nnunet, swinunetr, swinunetr-v2, unetr, mednext, stunet-s, stunet-b, stunet-l, resenc-m, resenc-l, umamba-bot, transunet."),
     patch: Optional[tuple[int, int, int]] = typer.Option(None, "--patch", help="Patch D H W (z y x voxels)."),
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Spacing Z Y X in mm."),
 ) -> None:
     """Print the planned encoder-decoder stage by stage, its parameter count and the GFLOP of a training step."""
     from rich.table import Table
 
-    from sats.model.backbones import build_on_meta, plan_backbone, step_gflop
+    from sats.model.backbones import build_on_meta, plan_backbone, step_gflop, train_patch
     from sats.model.config import build
     from sats.model.network import count_parameters
 
     cfg = build(preset_name, arch=arch)
-    patch_size = tuple(patch) if patch else cfg.patch_size
     sp = tuple(spacing) if spacing else (cfg.spacing or (3.0, 1.0, 1.0))
+    patch_size = train_patch(arch, tuple(patch) if patch else cfg.patch_size, sp)
     try:
         plan = plan_backbone(arch, patch_size, sp, cfg.preset, cfg.base_features, cfg.max_features)
     except ValueError as exc:
@@ -196,7 +196,7 @@ def train(
     fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoint.pt."),
     variant: Optional[str] = typer.Option(None, "--variant", help="A variant of sats ablation, e.g. unet, fusion, fusion-reg, feature-fusion, sats-joint-union, sats."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Backbone: nnunet (default, the paper's network), swinunetr, swinunetr-v2, unetr, mednext, stunet-s, stunet-b, stunet-l, resenc-m, umamba-bot, transunet."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Backbone: nnunet (default, the paper's network), swinunetr, swinunetr-v2, unetr, mednext, stunet-s, stunet-b, stunet-l, resenc-m, resenc-l, umamba-bot, transunet."),
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Training spacing Z Y X mm (default: the preset's, following the data where it is coarser)."),
     patch_size: Optional[tuple[int, int, int]] = typer.Option(None, "--patch-size", help="Patch D H W voxels."),
     no_projection_head: bool = typer.Option(False, "--no-projection-head", help="Ablation: margin loss on the decoder features."),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from sats.geometry.volume import SatsError, validate_options
-from sats.model.backbones import backbone, optimizer_defaults, round_patch
+from sats.model.backbones import backbone, optimizer_defaults, train_patch
 from sats.model.losses import AsymRegion  # defined beside the loss that uses it
 from sats.model.network import Fusion  # defined beside the network that uses it
 
@@ -142,7 +142,8 @@ def fit_to_data(cfg: TrainConfig, data_spacing: tuple[float, float, float]) -> t
     ``cfg.follow_data`` and the configured spacing would up-sample the data more than 1.5
     times along an axis; there the data's spacing and a patch of the same extent in mm
     (rounded up to a multiple of 8 voxels, at least 16) are used. The patch is then rounded
-    up to what ``cfg.arch`` takes (:func:`sats.model.backbones.round_patch`).
+    up to what ``cfg.arch`` takes, or grown where it trains on a larger one
+    (:func:`sats.model.backbones.train_patch`).
 
     Example:
         >>> cfg = preset("cpu")  # 24 x 80 x 80 voxels at 3 x 1.6 x 1.6 mm
@@ -151,7 +152,7 @@ def fit_to_data(cfg: TrainConfig, data_spacing: tuple[float, float, float]) -> t
     """
     if cfg.spacing is None:
         spacing = tuple(float(s) for s in data_spacing)
-        return spacing, round_patch(cfg.arch, tuple(cfg.patch_size), spacing)
+        return spacing, train_patch(cfg.arch, tuple(cfg.patch_size), spacing)
     spacing, patch = list(cfg.spacing), list(cfg.patch_size)
     if cfg.follow_data:
         for a in range(3):
@@ -160,7 +161,7 @@ def fit_to_data(cfg: TrainConfig, data_spacing: tuple[float, float, float]) -> t
                 spacing[a] = float(data_spacing[a])
                 patch[a] = max(16, int(8 * math.ceil(mm / spacing[a] / 8)))
     fitted = tuple(float(s) for s in spacing)
-    return fitted, round_patch(cfg.arch, tuple(int(p) for p in patch), fitted)
+    return fitted, train_patch(cfg.arch, tuple(int(p) for p in patch), fitted)
 
 
 def preset(name: str) -> TrainConfig:

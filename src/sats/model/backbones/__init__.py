@@ -17,6 +17,10 @@ arch               family                                        module
 ``swinunetr-v2``   Swin UNETR v2 (residual conv per stage)        :mod:`.monai_nets`
 ``unetr``          UNETR (ViT-B/16 encoder)                       :mod:`.monai_nets`
 ``mednext``        MedNeXt L, kernel 3 (Roy et al. 2023)          :mod:`.monai_nets`
+``stunet-s/b/l``   STU-Net (Huang et al. 2023)                    :mod:`.residual`
+``resenc-m/l``     nnU-Net ResEnc M and L (Isensee et al. 2024)   :mod:`.residual`
+``umamba-bot``     U-Mamba Bot (Ma et al. 2024)                   :mod:`.residual`
+``transunet``      3D TransUNet (Chen et al. 2023)                :mod:`.residual`
 =================  ===========================================  ================================
 
 Tensors are ``(B, C, D, H, W)`` = (batch, channels, z, y, x); x is left-right.
@@ -27,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import numpy as np
 from torch import nn
 
 from sats.geometry.volume import SatsError
@@ -47,6 +52,8 @@ class Backbone:
         optimizer: per preset, the :class:`~sats.model.config.TrainConfig` fields this arch
             changes (the paper's Sec. 4.2 for ``paper``); empty: the preset's own.
         paper_params_m: the paper's parameter count (Table 1, millions) at 56 x 192 x 192, or None.
+        patch_volume: the arch trains on the run's patch grown to this many times its volume
+            (every axis by the cube root), then rounded (:func:`train_patch`).
     """
 
     plan: Callable[..., NetworkPlan]
@@ -55,6 +62,7 @@ class Backbone:
     fit: Callable[..., tuple[int, int, int]] | None = None
     optimizer: dict[str, dict] | None = None
     paper_params_m: float | None = None
+    patch_volume: float = 1.0
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -72,6 +80,9 @@ BACKBONES: dict[str, Backbone] = {
     "stunet-b": Backbone(residual.planner("stunet-b"), residual.build, fit=nnunet.fit_patch, paper_params_m=58.26),
     "stunet-l": Backbone(residual.planner("stunet-l"), residual.build, fit=nnunet.fit_patch, paper_params_m=440.30),
     "resenc-m": Backbone(residual.planner("resenc-m"), residual.build, fit=nnunet.fit_patch),
+    # nnU-Net's ResEnc L planner builds M's network for a 24 GB GPU memory target against M's
+    # 8 GB and spends the difference on the patch: here, 3x the run's patch volume.
+    "resenc-l": Backbone(residual.planner("resenc-l"), residual.build, fit=nnunet.fit_patch, patch_volume=3.0),
     # The paper's UMambaBot count (64.76 M) depends on a plan it does not give: +-10 %.
     "umamba-bot": Backbone(residual.planner("umamba-bot"), residual.build, fit=nnunet.fit_patch,
                            paper_params_m=64.76),
@@ -105,6 +116,25 @@ def round_patch(arch: str, patch: tuple[int, int, int], spacing: tuple[float, fl
     m = b.multiple
     z, y, x = (-(-int(p) // m) * m for p in patch)
     return z, max(y, 2 * m), max(x, 2 * m)
+
+
+def train_patch(arch: str, patch: tuple[int, int, int], spacing: tuple[float, float, float]) -> tuple[int, int, int]:
+    """The patch (z, y, x voxels) ``arch`` trains on when the run asks for ``patch`` at ``spacing``
+    (z, y, x mm): :func:`round_patch` of it, or, for an arch with a ``patch_volume`` (ResEnc L:
+    3), of the patch with the run's aspect ratio whose rounded volume comes closest to that
+    many times the run's. Apply it once, where the run's patch is decided.
+
+    Example:
+        >>> train_patch("resenc-l", (56, 192, 192), (3.0, 1.0, 1.0)), train_patch("resenc-m", (56, 192, 192), (3.0, 1.0, 1.0))
+        ((80, 256, 256), (56, 192, 192))
+    """
+    target = backbone(arch).patch_volume
+    if target == 1.0:
+        return round_patch(arch, patch, spacing)
+    want = target * float(np.prod(patch))
+    grown = (round_patch(arch, tuple(int(round(int(p) * g / 100)) for p in patch), spacing)  # type: ignore[arg-type]
+             for g in range(100, 200))
+    return min(grown, key=lambda p: (abs(np.log(float(np.prod(p)) / want)), p))
 
 
 def plan_backbone(arch: str, patch: tuple[int, int, int], spacing: tuple[float, float, float], preset: str = "paper",

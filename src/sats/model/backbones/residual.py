@@ -1,5 +1,5 @@
 """Residual U-Nets built from MONAI's blocks: STU-Net (S, B, L; Huang et al. 2023),
-nnU-Net's residual-encoder U-Net (ResEnc M; Isensee et al., MICCAI 2024) and U-Mamba Bot
+nnU-Net's residual-encoder U-Nets (ResEnc M and L; Isensee et al., MICCAI 2024) and U-Mamba Bot
 (Ma et al. 2024), and the 3D TransUNet (Chen et al. 2023).
 
 Both keep nnU-Net's plan of strides from the patch and spacing
@@ -18,10 +18,10 @@ Both keep nnU-Net's plan of strides from the patch and spacing
   against its 64.76 M (-10.6 %); the paper does not give the plan its count came from.
 
 Widths, by arch and preset: ``paper``, STU-Net S 16-256, B 32-512, L 64-1024 (L two blocks
-a stage), the published widths and depths; ResEnc M 32-320 like nnU-Net's plain U-Net.
+a stage), the published widths and depths; ResEnc M and L 32-320 like nnU-Net's plain U-Net.
 ``cpu``, narrowed to about the nnunet cpu preset's GFLOP a step (29.0 at 24 x 80 x 80):
 STU-Net S and B 8-128 (at equal cost, S and B, which differ only in width, are one network),
-L 6-96 with its two blocks a stage, ResEnc M 6-96.
+L 6-96 with its two blocks a stage, ResEnc M 6-96, ResEnc L (on 3x the patch) 4-64.
 
 Tensors are ``(B, C, D, H, W)`` = (batch, channels, z, y, x).
 """
@@ -60,6 +60,9 @@ SCALES: dict[str, dict[str, dict]] = {
     "stunet-l": {"paper": {**_STU, "base": 64, "cap": 1024, "blocks": 2, "decoder_blocks": 2},
                  "cpu": {**_STU, "base": 6, "cap": 96, "blocks": 2, "decoder_blocks": 2}},
     "resenc-m": {"paper": {**_RESENC, "base": 32, "cap": 320}, "cpu": {**_RESENC, "base": 6, "cap": 96}},
+    # ResEnc L is ResEnc M's network on a 3x larger patch (Backbone.patch_volume); at cpu
+    # scale it is narrowed so that its larger patch still costs about nnunet's step.
+    "resenc-l": {"paper": {**_RESENC, "base": 32, "cap": 320}, "cpu": {**_RESENC, "base": 4, "cap": 64}},
     "umamba-bot": {"paper": {**_UMAMBA, "base": 32, "cap": 320}, "cpu": {**_UMAMBA, "base": 6, "cap": 96}},
     "transunet": {"paper": {**_TRANS, "base": 32, "cap": 320},
                   "cpu": {**_TRANS, "base": 8, "cap": 96, "vit": {"hidden": 96, "layers": 4, "heads": 4, "mlp": 384}}},
