@@ -1,17 +1,30 @@
 #!/bin/bash
 # Issue 25's studies, resumable (run it again to continue; two copies share the runs).
 #   E1: every arch at cpu scale as a plain network (variant unet) on the lesion test bed,
-#       3 seeds, scored over the ROI, paired against nnunet's unet.
+#       3 seeds, scored over the ROI, paired against nnunet's unet; nnunet's fusion-reg
+#       (the best asymmetry option of A2/A3) beside it, and the three strongest archs'
+#       fusion-reg once they are known (PHASE=asym ASYM_ARCHS=a,b,c).
 #   E2: the same runs also scored on a shifted test bed (Table 2's cross-domain protocol):
 #       the OpenKBP test CTs with another seed, larger and more often bilateral lesions,
 #       contrast 0-8 HU.
 # Cost on 2 CPU cores: ~3 min a run for the archs near nnunet's cost a step, ~25 min for
-# Swin UNETR (10x its GFLOP at the test bed's patch, BENCHMARKS.md).
+# Swin UNETR (10x its GFLOP at the test bed's patch, BENCHMARKS.md). The cheap archs go
+# first so that the three strongest are known before the Swin runs end.
 set -eu
 DATA=${DATA:-../shared/data/openkbp}
+SEEDS=${SEEDS:-0,1,2}
+PHASE=${PHASE:-plain}
 [ -f testbed/dataset.json ] || sats phantom testbed --background "$DATA" --cases 60 --test-cases 40 --seed 0
 [ -f testbed_shift/dataset.json ] || sats phantom testbed_shift --background "$DATA" --cases 1 --test-cases 40 --seed 1 \
     --volume-ml 20 60 --bilateral-fraction 0.5 --contrast-range 0 8
-sats ablation testbed --out E1 --preset cpu --variants unet --seeds 0,1,2 --fold all --epochs 40 --iters-per-epoch 50 \
-    --archs nnunet,stunet-s,stunet-b,stunet-l,resenc-m,unetr,mednext,umamba-bot,transunet,swinunetr,swinunetr-v2 \
-    --test-dataset testbed_shift
+study() {
+    sats ablation testbed --out E1 --preset cpu --seeds "$SEEDS" --fold all --epochs 40 --iters-per-epoch 50 \
+        --test-dataset testbed_shift "$@"
+}
+if [ "$PHASE" = plain ]; then
+    study --archs nnunet --variants unet,fusion-reg
+    study --variants unet --archs stunet-s,stunet-b,stunet-l,resenc-m,resenc-l,unetr,mednext,umamba-bot,transunet
+    study --variants unet --archs swinunetr,swinunetr-v2
+else
+    study --variants fusion-reg --archs "$ASYM_ARCHS"
+fi
