@@ -8,14 +8,18 @@ Counted on the meta device (no weights allocated, nothing timed), so it runs any
 
 from __future__ import annotations
 
-from sats.model.backbones import BACKBONES, build_on_meta, plan_backbone, step_gflop
+from sats.model.backbones import BACKBONES, build_on_meta, plan_backbone, step_gflop, train_patch
 from sats.model.network import count_parameters
 
 
 def row(arch: str) -> str:
-    paper = plan_backbone(arch, (56, 192, 192), (3.0, 1.0, 1.0), "paper")
-    cpu = plan_backbone(arch, (24, 80, 80), (3.0, 1.6, 1.6), "cpu", 8, 128)
-    bed = plan_backbone(arch, (24, 32, 32), (3.0, 4.688, 4.688), "cpu", 8, 128)
+    def plan(patch, spacing, preset):  # the patch a run of the arch trains on (ResEnc L: about 3x)
+        return plan_backbone(arch, train_patch(arch, patch, spacing), spacing, preset, 8 if preset == "cpu" else 32,
+                             128 if preset == "cpu" else 320)
+
+    paper = plan((56, 192, 192), (3.0, 1.0, 1.0), "paper")
+    cpu = plan((24, 80, 80), (3.0, 1.6, 1.6), "cpu")
+    bed = plan((24, 32, 32), (3.0, 4.688, 4.688), "cpu")
     ref = BACKBONES[arch].paper_params_m
     n = count_parameters(build_on_meta(paper)) / 1e6
     return (f"| `{arch}` | {'x'.join(map(str, paper.patch_size))} | {n:.2f} | {ref if ref else 'n/a'} | "

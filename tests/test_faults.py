@@ -550,7 +550,7 @@ def test_two_predicts_writing_one_folder_leave_complete_files(reference, make_pr
         assert result.exit_code == 0, result.output[-2000:]
         versions.append({p.name: p.read_bytes() for p in (tmp_path / f"alone{i}").iterdir()})
     names = sorted(versions[0])
-    assert sorted(versions[1]) == names and len(names) == 6
+    assert sorted(versions[1]) == names and len(names) == 12  # mask, probabilities, verdict, review sheet: 3 cases
     same = [n for n in names if versions[0][n] == versions[1][n]]
     assert not same, f"the two runs write the same bytes to {same}: no test of atomic writes"
 

@@ -48,7 +48,8 @@ def test_folder_mode_reports_a_broken_case_and_finishes_the_rest(tiny_run, tmp_p
     assert result.exit_code == 1
     assert "broken_0000.nii.gz" in result.output and "Traceback" not in result.output
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["case_000.nii.gz", "case_001.nii.gz"]
+    # Each good case: its mask, its verdict and its review sheet; nothing of the broken one.
+    assert written == [f"case_00{i}{end}" for i in (0, 1) for end in (".nii.gz", "_qa.json", "_review.png")]
 
 
 def test_bad_inputs_fail_cleanly(tiny_run, tmp_path) -> None:

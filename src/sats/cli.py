@@ -156,13 +156,14 @@ def summary(
     """Print the planned encoder-decoder stage by stage, its parameter count and the GFLOP of a training step."""
     from rich.table import Table
 
-    from sats.model.backbones import build_on_meta, plan_backbone, step_gflop, train_patch
+    from sats.model.backbones import backbone, build_on_meta, plan_backbone, step_gflop, train_patch
     from sats.model.config import build
     from sats.model.network import count_parameters
 
     cfg = build(preset_name, arch=arch)
     sp = tuple(spacing) if spacing else (cfg.spacing or (3.0, 1.0, 1.0))
-    patch_size = train_patch(arch, tuple(patch) if patch else cfg.patch_size, sp)
+    asked = tuple(patch) if patch else cfg.patch_size
+    patch_size = train_patch(arch, asked, sp)
     try:
         plan = plan_backbone(arch, patch_size, sp, cfg.preset, cfg.base_features, cfg.max_features)
     except ValueError as exc:
@@ -176,8 +177,9 @@ def summary(
         size = [a // b for a, b in zip(size, st)]
         table.add_row(str(i), str(f), "x".join(map(str, k)), "x".join(map(str, st)), "x".join(map(str, size)))
     console.print(table)
-    if plan.patch_size != tuple(patch_size):
-        console.print(f"patch {tuple(patch_size)} rounded up to {plan.patch_size} for {arch}")
+    if plan.patch_size != tuple(asked):
+        grown = "grown to" if backbone(arch).patch_volume != 1.0 else "rounded up to"
+        console.print(f"patch {tuple(asked)} {grown} {plan.patch_size} for {arch}")
     n = count_parameters(model)
     console.print(f"GFLOP per training step (batch {cfg.batch_size}, forward + backward): "
                   f"{step_gflop(plan, cfg.batch_size, net=model):.1f}")
@@ -194,6 +196,7 @@ def train(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Total epochs; split 4:1 between the stages like 800:200."),
     iters_per_epoch: Optional[int] = typer.Option(None, "--iters-per-epoch", min=1),
     fold: str = typer.Option("0", "--fold", help="0-4, or all (no validation)."),
+    folds: Optional[str] = typer.Option(None, "--folds", help="Train these folds into RUN/fold_K (e.g. 0,1,2,3,4; each resumable), predict each fold's held-out cases and fit the quality model on them (RUN/quality.json); `sats predict -m RUN` averages the folds."),
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoint.pt."),
     variant: Optional[str] = typer.Option(None, "--variant", help="A variant of sats ablation, e.g. unet, fusion, fusion-reg, feature-fusion, sats-joint-union, sats."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Backbone: nnunet (default, the paper's network), swinunetr, swinunetr-v2, unetr, mednext, stunet-s, stunet-b, stunet-l, resenc-m, resenc-l, umamba-bot, transunet."),
@@ -234,6 +237,13 @@ def train(
     }
     cfg = build(preset_name, variant=variant, epochs=epochs, fold=parse_fold(fold), seed=seed,
                 **{k: v for k, v in given.items() if v is not None})
+    if folds is not None:
+        from sats.evaluation.crossval import train_folds
+
+        if stage != "all" or fold != "0":
+            raise SatsError("--folds trains whole folds: drop --stage and --fold (each fold resumes by itself)")
+        train_folds(dataset, out, cfg, _int_list(folds, "--folds"), cache=cache, device=device, console=console)
+        return
     run_training(dataset, out, cfg, stage=stage, resume=resume, cache=cache, device=device, console=console)
 
 
@@ -287,7 +297,7 @@ def ablation(
 def predict(
     input_path: Path = typer.Option(..., "--input", "-i", help="Image file, DICOM series folder, or a folder of either."),
     output: Path = typer.Option(..., "--output", "-o", help="Mask file for one input (RS.dcm / SEG.dcm with --format rtstruct / seg), folder for many."),
-    model: Path = typer.Option(..., "--model", "-m", help="RUN folder written by `sats train`."),
+    model: list[Path] = typer.Option(..., "--model", "-m", help="RUN folder written by `sats train` (a RUN of --folds: every fold, averaged); give -m several times to ensemble several RUNs."),
     tta: bool = typer.Option(False, "--tta", help="Average with the left-right mirrored prediction."),
     precision: str = typer.Option("auto", "--precision", help="fp32, bf16 (autocast), or auto: bf16 on CPUs with native bf16 (AMX, AVX512-BF16), else fp32."),
     roi: str = typer.Option("auto", "--roi", help="auto: run the network over the region of interest only (the RUN's localiser, else anatomical landmarks); whole: over the whole body."),
@@ -295,11 +305,13 @@ def predict(
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write {case}_probabilities."),
     asymmetry_map: bool = typer.Option(False, "--asymmetry-map", help="Also write {case}_asymmetry: ||g(E) - g(E')|| per voxel."),
-    fmt: str = typer.Option("nifti", "--format", help="nifti (mask image), rtstruct (RT Structure Set, ROI GTVp) or seg (DICOM SEG); the DICOM ones need DICOM CT input."),
+    fmt: str = typer.Option("nifti", "--format", help="One or more, comma-separated: nifti (mask image), rtstruct (RT Structure Set, ROI GTVp), seg (DICOM SEG), sc (the review sheet as DICOM Secondary Capture); the DICOM ones need DICOM CT input."),
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID of the CT series in a DICOM folder holding several (default: the CT series with most slices)."),
     all_components: bool = typer.Option(False, "--all-components", help="Keep every predicted island (default: the largest connected region only)."),
+    no_qa: bool = typer.Option(False, "--no-qa", help="Skip the quality check (no mirrored pass, no {case}_qa.json, no review sheet, no flag)."),
 ) -> None:
-    """Segment the GTV of one CT or a folder of CTs; masks keep each input's exact geometry."""
+    """Segment the GTV of one CT or a folder of CTs; masks keep each input's exact geometry. Each case gets a
+    verdict, ok or review, in {case}_qa.json, a review sheet {case}_review.png, and the flag in the DICOM objects."""
     from sats.predict.inference import PredictOptions, predict_paths
 
     import torch
@@ -307,8 +319,8 @@ def predict(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = PredictOptions(device=device, precision=precision, roi=roi, overlap=1.0 - step, tta=tta,  # type: ignore[arg-type]
                              largest_component=not all_components, save_probabilities=save_probabilities,
-                             asymmetry_map=asymmetry_map, fmt=fmt, series_uid=series)  # type: ignore[arg-type]
-    done, failed = predict_paths(input_path, output, model, options, console=console)
+                             asymmetry_map=asymmetry_map, fmt=fmt, series_uid=series, quality=not no_qa)  # type: ignore[arg-type]
+    done, failed = predict_paths(input_path, output, list(model), options, console=console)
     if failed:
         _fail(f"{failed} of {done + failed} case(s) failed; the other {done} were written")
 
@@ -399,7 +411,7 @@ def asymmetry(
 @app.command()
 @user_errors
 def serve(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="RUN folder written by `sats train`."),
+    model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="RUN folder written by `sats train` (a RUN of --folds: every fold, averaged); several -m: one ensemble."),
     store: Optional[Path] = typer.Option(None, "--store", help="Folder for received series, results and the job queue."),
     ae_title: str = typer.Option("SATS", "--ae-title", help="This node's AE title."),
     port: int = typer.Option(11112, "--port", min=1, max=65535, help="TCP port to listen on."),
@@ -430,7 +442,7 @@ def serve(
         queue.close()
         console.print(f"{n} failed job(s) queued again; a running node (or the next start) takes them")
         return
-    if model is None or store is None:
+    if not model or store is None:
         raise SatsError("sats serve needs --model RUN and --store DIR (or --status DIR / --retry DIR)")
     if fmt not in ("rtstruct", "seg"):
         raise SatsError(f"--format {fmt!r}: use rtstruct or seg")
@@ -442,7 +454,7 @@ def serve(
     options = ServeOptions(ae_title=ae_title, host=host, port=port, send_to=Destination.parse(send_to) if send_to else None,
                            fmt=fmt, workers=workers, allow=titles, settle=settle, send_tries=send_tries,
                            device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run_node(model, store, options, log_level)
+    run_node(list(model), store, options, log_level)
 
 
 @app.command("make-atlas")

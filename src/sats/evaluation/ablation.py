@@ -508,7 +508,7 @@ def _predict_and_score(run: Path, dataset: Path, planes: dict, console, device: 
             study = run.parent.parent / tag if tag else run.parent.parent
             mirror = _test_mirror(study, case.case_id, ct, loaded, planes.get(case.case_id))
             pre = loaded.preprocessor(ct, alignment=planes.get(case.case_id), mirror_hu=mirror)
-            mask = predict_case(loaded, ct, pre, device=device).mask
+            mask = predict_case(loaded, ct, pre, device=device, quality=False).mask  # a study scores the contours only
             write_image(mask, target)
         m = compute_metrics(mask.array, read_image(case.label).array, ct.spacing, case=case.case_id)  # type: ignore[arg-type]
         rows.append({"case": case.case_id, "dsc": m.dsc, "hd95": m.hd95, "asd": m.asd, "nsd": m.nsd})

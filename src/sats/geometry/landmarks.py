@@ -233,6 +233,53 @@ def _check_run(run: list[dict], hu: np.ndarray, air: np.ndarray, xs: np.ndarray,
     return None
 
 
+def _find_roof(hu: np.ndarray, air: np.ndarray, xs: np.ndarray, zs: np.ndarray, spacing) -> list[dict]:
+    """The pharyngeal slices from the floor to the roof of the nasopharynx (see the module
+    docstring); NoNasopharynx with the reasons of the three highest airways otherwise."""
+    runs = _airway_runs(_pharyngeal_slices(hu, air, xs, spacing), spacing[1])
+    if not runs:
+        raise NoNasopharynx("no pharyngeal airway (midline air with soft tissue and then bone behind it)")
+    reasons = []
+    for full in sorted(runs, key=lambda r: -r[-1]["k"]):  # the highest airway that passes
+        # An airway can run on above the roof (into the back of the nasal cavity): each of
+        # its slices, from the top down, is tried as the roof.
+        for end in range(len(full), 0, -1):
+            if zs[full[-1]["k"]] - zs[full[end - 1]["k"]] > 20.0:
+                break  # more would be the oropharynx of a scan cut above the nasopharynx
+            why = _check_run(full[:end], hu, air, xs, spacing)
+            if why is None:
+                return full[:end]
+            if end == len(full):
+                reasons.append(f"airway at z {zs[full[0]['k']]:.0f}..{zs[full[-1]['k']]:.0f} mm: {why}")
+    raise NoNasopharynx("; ".join(reasons[:3]))
+
+
+def nasopharynx_in_view(head: Volume) -> str | None:
+    """None when the aligned CT shows a nasopharynx, else why not (one line).
+
+    Looser than :func:`find_nasopharynx`, which also needs the lumen's lateral walls to grow
+    a lesion from: here the roof of the airway must pass the checks of the module docstring
+    (a head, the skull base above, the choanae in front) in the CT or in its left-right
+    symmetrised copy (the lower HU of each voxel and its mirror partner across x = 0, so a
+    tumour filling one side of the lumen leaves the other side's air). A thorax, or a head
+    cut above the skull base, has no such airway.
+
+    Args:
+        head: CT in HU on a head-frame grid symmetric about x = 0 (:func:`head_frame`).
+    """
+    hu = head.array.astype(np.float32)
+    xs = head.origin[0] + np.arange(hu.shape[2]) * head.spacing[2]
+    zs = head.origin[2] + np.arange(hu.shape[0]) * head.spacing[0]
+    first = None
+    for view in (hu, np.minimum(hu, hu[..., ::-1])):  # x is left-right: [..., ::-1] mirrors it
+        try:
+            _find_roof(view, enclosed_air(view, head.spacing), xs, zs, head.spacing)
+            return None
+        except NoNasopharynx as exc:
+            first = first or str(exc)
+    return first
+
+
 def find_nasopharynx(head: Volume) -> Nasopharynx:
     """Locate the nasopharyngeal lumen and its lateral walls in an aligned CT.
 
@@ -249,28 +296,7 @@ def find_nasopharynx(head: Volume) -> Nasopharynx:
     ys = head.origin[1] + np.arange(ny) * sy
     zs = head.origin[2] + np.arange(nz) * sz
     air = enclosed_air(hu, head.spacing)
-    runs = _airway_runs(_pharyngeal_slices(hu, air, xs, head.spacing), sy)
-    if not runs:
-        raise NoNasopharynx("no pharyngeal airway (midline air with soft tissue and then bone behind it)")
-    reasons = []
-    found = None
-    for full in sorted(runs, key=lambda r: -r[-1]["k"]):  # the highest airway that passes
-        # An airway can run on above the roof (into the back of the nasal cavity): each of
-        # its slices, from the top down, is tried as the roof.
-        for end in range(len(full), 0, -1):
-            if zs[full[-1]["k"]] - zs[full[end - 1]["k"]] > 20.0:
-                break  # more would be the oropharynx of a scan cut above the nasopharynx
-            why = _check_run(full[:end], hu, air, xs, head.spacing)
-            if why is None:
-                found = full[:end]
-                break
-            if end == len(full):
-                reasons.append(f"airway at z {zs[full[0]['k']]:.0f}..{zs[full[-1]['k']]:.0f} mm: {why}")
-        if found:
-            break
-    if found is None:
-        raise NoNasopharynx("; ".join(reasons[:3]))
-    run = found
+    run = _find_roof(hu, air, xs, zs, head.spacing)
     top, bottom = run[-1]["k"], run[0]["k"]
     # The fossae of Rosenmueller: the lateral recesses of the upper, posterior lumen.
     upper = [r for r in run if zs[r["k"]] >= zs[top] - 12.0]
@@ -307,6 +333,25 @@ def find_nasopharynx(head: Volume) -> Nasopharynx:
 # --- the box prediction and the asymmetry map look in ----------------------------------------
 
 
+def head_frame(ct: Volume, grid: Volume, plane: Plane) -> Volume:
+    """The CT (HU) in its head frame at :data:`WORK_SPACING` over the symmetric grid's extent:
+    identity direction, x = 0 on the mid-sagittal plane and on the central sagittal plane of
+    the grid (so ``[..., ::-1]`` is the left-right mirror), what :func:`find_nasopharynx` reads.
+
+    Args:
+        ct: the CT in HU (any grid covering the symmetric grid; the grid itself will do).
+        grid: the symmetric grid (:func:`sats.geometry.grid.symmetric_grid`) about ``plane``.
+    """
+    extent = (np.array(grid.shape) - 1) * np.array(grid.spacing)  # (z, y, x) mm
+    n = (extent / np.array(WORK_SPACING)).astype(int) + 1
+    n[2] += n[2] % 2
+    start = np.array([0.0, 0.0, (extent[2] - (n[2] - 1) * WORK_SPACING[2]) / 2])  # centred in x: symmetric
+    origin = grid.index_to_physical(start / np.array(grid.spacing))
+    frame = Volume(np.zeros(tuple(n), np.uint8), WORK_SPACING, tuple(origin), grid.direction)
+    head_origin_q = grid.direction.T @ (np.asarray(origin) - plane.point)
+    return Volume(resample_to(ct, frame, order=1, default=-1024.0).array, WORK_SPACING, tuple(head_origin_q), np.eye(3))
+
+
 def landmark_box(ct: Volume, grid: Volume, plane: Plane) -> tuple[np.ndarray, np.ndarray, str]:
     """Where to look on a symmetric grid: ``(lo, hi, source)`` in grid mm from voxel [0, 0, 0],
     (z, y, x). ``source`` "landmarks": the nasopharyngeal lumen widened by :data:`NPC_MARGIN_MM`;
@@ -318,16 +363,7 @@ def landmark_box(ct: Volume, grid: Volume, plane: Plane) -> tuple[np.ndarray, np
         grid: the symmetric grid (:func:`sats.geometry.grid.symmetric_grid`) about ``plane``.
         plane: the mid-sagittal plane.
     """
-    # The CT in its head frame at WORK_SPACING over the symmetric grid's extent (same axes,
-    # x = 0 on the plane): the frame find_nasopharynx reads.
-    extent = (np.array(grid.shape) - 1) * np.array(grid.spacing)  # (z, y, x) mm
-    n = (extent / np.array(WORK_SPACING)).astype(int) + 1
-    n[2] += n[2] % 2
-    start = np.array([0.0, 0.0, (extent[2] - (n[2] - 1) * WORK_SPACING[2]) / 2])  # centred in x: symmetric
-    origin = grid.index_to_physical(start / np.array(grid.spacing))
-    frame = Volume(np.zeros(tuple(n), np.uint8), WORK_SPACING, tuple(origin), grid.direction)
-    head_origin_q = grid.direction.T @ (np.asarray(origin) - plane.point)
-    head = Volume(resample_to(ct, frame, order=1, default=-1024.0).array, WORK_SPACING, tuple(head_origin_q), np.eye(3))
+    head = head_frame(ct, grid, plane)
     # Head-frame mm (x, y, z) -> grid mm (z, y, x) from the symmetric grid's voxel [0, 0, 0].
     grid_origin_q = grid.direction.T @ (np.asarray(grid.origin) - plane.point)
 

@@ -46,6 +46,8 @@ from sats.geometry.volume import SatsError, Volume
 
 #: Default ROI / segment name: primary gross tumour volume.
 DEFAULT_ROI_NAME = "GTVp"
+#: Series and structure set description; a flagged case's says why instead.
+DEFAULT_DESCRIPTION = "sats automatic GTV segmentation"
 #: Default display colour (R, G, B), 0-255.
 DEFAULT_COLOR = (255, 0, 0)
 #: Marching-squares level on the 0/1 mask: vertices sit 1 - 0.51 = 0.49 pixel from the inside
@@ -237,7 +239,7 @@ def build_rtstruct(
     ct: CtReference,
     roi_name: str = DEFAULT_ROI_NAME,
     color: tuple[int, int, int] = DEFAULT_COLOR,
-    description: str = "sats automatic GTV segmentation",
+    description: str = DEFAULT_DESCRIPTION,
 ) -> Dataset:
     """An RT Structure Set dataset with one ROI drawn from ``mask``.
 
@@ -396,6 +398,7 @@ def write_rtstruct(
     color: tuple[int, int, int] = DEFAULT_COLOR,
     series_uid: str | None = None,
     mask_name: str = "mask",
+    description: str = DEFAULT_DESCRIPTION,
 ) -> int:
     """Write ``mask`` (on the grid of the CT series in ``ct_dir``) as an RTSTRUCT file, atomically.
 
@@ -404,6 +407,7 @@ def write_rtstruct(
         ct_dir: folder of the CT series (``series_uid`` picks one, else the CT with most slices).
         out: the RTSTRUCT file to write.
         mask_name: how to name the mask in error messages (its file name).
+        description: the series and structure set description (a flag's reason goes here).
     Returns:
         The number of contours written (0 for an empty mask).
     Raises:
@@ -411,7 +415,7 @@ def write_rtstruct(
     """
     ct = load_ct_reference(ct_dir, series_uid)
     array = check_mask_on_ct(mask, ct, mask_name)
-    ds = build_rtstruct(array, ct, roi_name, color)
+    ds = build_rtstruct(array, ct, roi_name, color, description)
     _save(ds, Path(out))
     return len(ds.ROIContourSequence[0].get("ContourSequence", []))
 
@@ -548,6 +552,7 @@ def write_seg(
     segment_label: str = DEFAULT_ROI_NAME,
     series_uid: str | None = None,
     mask_name: str = "mask",
+    description: str = DEFAULT_DESCRIPTION,
 ) -> int:
     """Write ``mask`` as a binary DICOM Segmentation (highdicom) referencing the CT series.
 
@@ -594,7 +599,7 @@ def write_seg(
                 manufacturer_model_name="sats",
                 software_versions=__version__,
                 device_serial_number="none",
-                series_description="sats automatic GTV segmentation",
+                series_description=description[:64],
                 omit_empty_frames=bool(array.any()),  # a SEG needs at least one frame
             )
         except (ValueError, AttributeError, TypeError) as exc:

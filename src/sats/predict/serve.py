@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     result TEXT,
     send_attempts INTEGER NOT NULL DEFAULT 0,
-    next_send REAL NOT NULL DEFAULT 0
+    next_send REAL NOT NULL DEFAULT 0,
+    qa TEXT
 )"""
 
 
@@ -105,6 +106,8 @@ class JobQueue:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a committed state survives power loss
             self._db.execute(_SCHEMA)
+            if "qa" not in {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}:  # a store from before the QA column
+                self._db.execute("ALTER TABLE jobs ADD COLUMN qa TEXT")
         except (OSError, sqlite3.Error) as exc:
             raise SatsError(f"{self.store}: cannot open the job queue ({exc})") from None
         self._lock = threading.Lock()
@@ -133,7 +136,7 @@ class JobQueue:
                 db.execute("INSERT INTO jobs (series_uid, study_uid, state, calling_ae, instances, first_received, "
                            "last_received) VALUES (?, ?, 'receiving', ?, ?, ?, ?)", (series, study, calling_ae, int(new), now, now))
             else:
-                db.execute("UPDATE jobs SET state='receiving', reason=NULL, result=NULL, send_attempts=0, next_send=0, "
+                db.execute("UPDATE jobs SET state='receiving', reason=NULL, result=NULL, qa=NULL, send_attempts=0, next_send=0, "
                            "instances=instances+?, last_received=?, calling_ae=? WHERE series_uid=?",
                            (int(new), now, calling_ae, series))
 
@@ -281,10 +284,10 @@ class ServeOptions:
 class Node:
     """A running node: the SCP, the prediction workers and the sender."""
 
-    def __init__(self, run_dir: Path, store: Path, options: ServeOptions) -> None:
-        from sats.predict.inference import PredictOptions, load_run
+    def __init__(self, run_dir: Path | list[Path], store: Path, options: ServeOptions) -> None:
+        from sats.predict.inference import PredictOptions, load_model
 
-        self.run = load_run(Path(run_dir), options.device)  # one model, shared by the workers; first: a bad RUN leaves no store
+        self.run = load_model(run_dir, options.device)  # one ensemble, shared by the workers; first: a bad RUN leaves no store
         self.store, self.opt = Path(store).resolve(), options
         self.queue = JobQueue(self.store)
         self.receiver = Receiver(self.store, self.queue)
@@ -293,8 +296,11 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._server = None
 
-    # The same path as `sats predict --format rtstruct|seg` on one series folder.
-    def predict_series(self, study: str, series: str) -> Path:
+    # The same path as `sats predict --format rtstruct|seg` on one series folder. A case
+    # flagged for review is sent all the same, as "GTVp (review)" with the reason in the
+    # series description: the planning system shows that the series was contoured and must
+    # be checked, where sending nothing would look like a node that is down.
+    def predict_series(self, study: str, series: str) -> tuple[Path, str]:
         from sats.predict.inference import output_paths, predict_file
 
         folder = self.store / "incoming" / study / series
@@ -306,7 +312,10 @@ class Node:
         ml = float(pred.mask.array.sum()) * pred.mask.voxel_volume_ml
         log.info("series %s: %d slices read and predicted (%.1f ml GTV) in %.1f s -> %s", series, pred.mask.shape[0], ml,
                  time.time() - t0, paths["mask"].relative_to(self.store))
-        return paths["mask"]
+        verdict = pred.qa.get("flag", "")
+        if pred.flagged:
+            log.warning("series %s: flagged for review: %s", series, pred.qa["reason"])
+        return paths["mask"], verdict
 
     def _predict_loop(self) -> None:
         while not self._stop.is_set():
@@ -317,7 +326,7 @@ class Node:
             study, series = job
             log.info("series %s (study %s): predicting", series, study)
             try:
-                result = self.predict_series(study, series)
+                result, verdict = self.predict_series(study, series)
             except Exception as exc:  # one bad series never stops the node
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 if not isinstance(exc, SatsError):
@@ -326,7 +335,7 @@ class Node:
                 log.error("series %s: failed: %s", series, reason)
                 continue
             nxt = "predicted" if self.opt.send_to else "done"
-            if not self.queue.set_state(series, nxt, "predicting", result=str(result), finished=time.time()):
+            if not self.queue.set_state(series, nxt, "predicting", result=str(result), finished=time.time(), qa=verdict):
                 log.info("series %s: more instances arrived meanwhile; predicting it again", series)
 
     def _send_loop(self) -> None:
@@ -414,7 +423,7 @@ def send_file(path: Path, dest: Destination, calling_ae: str, timeout: float = 3
         raise SatsError(f"C-STORE status {hex(int(status.Status)) if status else 'none (connection lost)'}")
 
 
-def serve(run_dir: Path, store: Path, options: ServeOptions, log_level: str = "INFO") -> None:
+def serve(run_dir: Path | list[Path], store: Path, options: ServeOptions, log_level: str = "INFO") -> None:
     """Run a node until SIGINT or SIGTERM."""
     import signal
 
@@ -451,10 +460,12 @@ def status_table(store: Path):
     rows = queue.rows()
     queue.close()
     table = Table(title=f"sats serve: {store} ({len(rows)} series)")
-    for col in ("series", "state", "instances", "from", "received", "result / reason"):
+    for col in ("series", "state", "QA", "instances", "from", "received", "result / reason"):
         table.add_column(col)
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_received"])) if r["last_received"] else ""
         detail = r["reason"] or (str(Path(r["result"]).relative_to(Path(store).resolve())) if r["result"] else "")
-        table.add_row(r["series_uid"], r["state"], str(r["instances"]), r["calling_ae"] or "", when, detail)
+        qa = r.get("qa") or ""
+        table.add_row(r["series_uid"], r["state"], f"[bold red]{qa}[/]" if qa == "review" else qa, str(r["instances"]),
+                      r["calling_ae"] or "", when, detail)
     return table
