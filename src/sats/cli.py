@@ -272,6 +272,8 @@ def ablation(
     no_align: bool = typer.Option(False, "--no-align", help="Skip the mid-sagittal alignment (mirror about the grid centre)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled CTs for the sats-semi and sats-semi-joint variants."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run each (arm, seed) as a task on a Ray cluster: auto (the cluster this machine is in), local, or ray://HOST:PORT; DIR and the datasets must be on storage every node mounts at the same path."),
+    ray_cpus: int = typer.Option(1, "--ray-cpus", min=1, help="With --ray on CPU: cores each run asks for (and uses); on CUDA each run asks for one GPU."),
 ) -> None:
     """Train, predict and evaluate each variant x seed; paired statistics over seeds and cases against unet.
     One schedule for every arm: unet, fusion ([CT, mirror] input), fusion-reg (the mirror registered to the CT),
@@ -288,7 +290,14 @@ def ablation(
         archs=[a.strip() for a in archs.split(",") if a.strip()],
         test_dataset=str(test_dataset.resolve()) if test_dataset else None,
     )
-    run_ablation(settings, out, console=console, device=device)
+    if ray is not None:
+        from sats.cluster import run_study_on_ray
+
+        import torch
+
+        run_study_on_ray(settings, out, ray, device or ("cuda" if torch.cuda.is_available() else "cpu"), ray_cpus, console)
+    else:
+        run_ablation(settings, out, console=console, device=device)
     console.print(f"[bold green]done[/]: {out / 'summary.md'}, {out / 'cases.csv'}, {out / 'ablation.png'}")
 
 
@@ -309,6 +318,9 @@ def predict(
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID of the CT series in a DICOM folder holding several (default: the CT series with most slices)."),
     all_components: bool = typer.Option(False, "--all-components", help="Keep every predicted island (default: the largest connected region only)."),
     no_qa: bool = typer.Option(False, "--no-qa", help="Skip the quality check (no mirrored pass, no {case}_qa.json, no review sheet, no flag)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Predict a folder on a Ray cluster: auto, local or ray://HOST:PORT; inputs, RUN and OUTPUT on storage every node mounts at the same path."),
+    ray_workers: int = typer.Option(2, "--ray-workers", min=1, help="With --ray: actors, each holding the model."),
+    ray_cpus: int = typer.Option(1, "--ray-cpus", min=1, help="With --ray on CPU: cores each actor asks for (and uses); on CUDA one GPU each."),
 ) -> None:
     """Segment the GTV of one CT or a folder of CTs; masks keep each input's exact geometry. Each case gets a
     verdict, ok or review, in {case}_qa.json, a review sheet {case}_review.png, and the flag in the DICOM objects."""
@@ -320,7 +332,12 @@ def predict(
     options = PredictOptions(device=device, precision=precision, roi=roi, overlap=1.0 - step, tta=tta,  # type: ignore[arg-type]
                              largest_component=not all_components, save_probabilities=save_probabilities,
                              asymmetry_map=asymmetry_map, fmt=fmt, series_uid=series, quality=not no_qa)  # type: ignore[arg-type]
-    done, failed = predict_paths(input_path, output, list(model), options, console=console)
+    if ray is not None:
+        from sats.cluster import predict_on_ray
+
+        done, failed = predict_on_ray(input_path, output, list(model), options, ray, ray_workers, ray_cpus, console)
+    else:
+        done, failed = predict_paths(input_path, output, list(model), options, console=console)
     if failed:
         _fail(f"{failed} of {done + failed} case(s) failed; the other {done} were written")
 

@@ -594,19 +594,55 @@ def _test_sets(settings: AblationSettings, out: Path) -> dict[str, tuple[Path, P
     return sets
 
 
+def run_dir(out: Path, arm: str, seed: int) -> Path:
+    """The RUN folder of one (arm, seed) of the study in ``out``."""
+    return Path(out) / "runs" / f"{arm}-s{seed}"
+
+
+def train_and_score(settings: AblationSettings, out: Path, arm: str, seed: int, console, device: str | None = None,
+                    planes: dict | None = None) -> None:
+    """One run of the study, end to end and resumable: train it (from its checkpoint where one
+    is there; not at all when its model is), then predict and score each test split (cases
+    already predicted, and splits already scored, are kept). The caller holds the run's claim."""
+    from sats.model.training import train
+
+    run = run_dir(out, arm, seed)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = variant_config(settings, arm, seed)
+    if not _run_done(run):
+        train(Path(settings.dataset), run, cfg, resume=(run / CHECKPOINT_FILE).exists(), cache=out / "cache", device=device,
+              console=console)
+    planes = planes if planes is not None else {}
+    for tag, (test_data, folder) in _test_sets(settings, out).items():
+        if tag not in planes:
+            planes[tag] = _test_planes(test_data, folder, cfg.align, console)
+        _predict_and_score(run, test_data, planes[tag], console, device, tag)
+
+
+def open_study(settings: AblationSettings, out: Path) -> list[tuple[str, int]]:
+    """Check the test splits, create or check the study folder; the (arm, seed) runs, seed-major
+    (early results cover every arm)."""
+    for test_data, _ in _test_sets(settings, out).values():
+        _check_test_split(test_data)
+    _open_study(settings, out)
+    return [(v, s) for s in settings.seeds for v in study_arms(settings)]
+
+
+def write_study_outputs(settings: AblationSettings, out: Path) -> dict:
+    """The study's summaries from every scored run (and the cross-domain ones with a test dataset)."""
+    summary = write_outputs(out, settings, study_rows(out))
+    if settings.test_dataset:
+        write_outputs(out / "cross", settings, study_rows(out, "cross"), settings.test_dataset)
+    return summary
+
+
 def run_ablation(settings: AblationSettings, out: Path, console=None, device: str | None = None) -> dict:
     """Train, predict and evaluate every (arm, seed); resumable at any point."""
     from rich.console import Console
 
-    from sats.model.training import train
-
     console = console or Console()
-    dataset, out = Path(settings.dataset), Path(out)
-    sets = _test_sets(settings, out)
-    for test_data, _ in sets.values():
-        _check_test_split(test_data)
-    _open_study(settings, out)
-    runs = [(v, s) for s in settings.seeds for v in study_arms(settings)]  # seed-major: early results cover every variant
+    out = Path(out)
+    runs = open_study(settings, out)
     planes: dict[str, dict] = {}
     spent: list[float] = []
     # Several `sats ablation` processes (or machines sharing the folder) may work on one
@@ -615,7 +651,7 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
     todo, busy = list(enumerate(runs, 1)), []
     for wait in (False, True):
         for i, (variant, seed) in todo:
-            run = out / "runs" / f"{variant}-s{seed}"
+            run = run_dir(out, variant, seed)
             run.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
             with claim(run / ".ablation.lock", wait) as held:
@@ -624,18 +660,10 @@ def run_ablation(settings: AblationSettings, out: Path, console=None, device: st
                                   highlight=False)
                     busy.append((i, (variant, seed)))
                     continue
-                cfg = variant_config(settings, variant, seed)
                 if not _run_done(run):
                     console.rule(f"run {i}/{len(runs)}: {variant}, seed {seed}")
-                    train(dataset, run, cfg, resume=(run / CHECKPOINT_FILE).exists(), cache=out / "cache", device=device,
-                          console=console)
-                for tag, (test_data, folder) in sets.items():
-                    if tag not in planes:
-                        planes[tag] = _test_planes(test_data, folder, cfg.align, console)
-                    _predict_and_score(run, test_data, planes[tag], console, device, tag)
-            summary = write_outputs(out, settings, study_rows(out))
-            if "cross" in sets:
-                write_outputs(out / "cross", settings, study_rows(out, "cross"), settings.test_dataset)
+                train_and_score(settings, out, variant, seed, console, device, planes)
+            summary = write_study_outputs(settings, out)
             took = time.time() - t0
             if took > 60:
                 spent.append(took)
