@@ -112,7 +112,11 @@ def test_a_killed_worker_node_costs_no_run_and_no_epoch(cluster, tmp_path):
         time.sleep(0.05)
     assert victim is not None, "no run was seen training on the worker node"
     c.remove_node(worker, allow_graceful=False)  # SIGKILL of the node's processes, the run's worker among them
-    output, _ = driver.communicate(timeout=600)
+    try:
+        output, _ = driver.communicate(timeout=600)
+    finally:
+        c.add_node(num_cpus=1)  # two nodes again for the tests that follow
+        c.wait_for_nodes()
     assert driver.returncode == 0, output[-3000:]
     attempts = [json.loads(line) for line in (victim / "ray_attempts.jsonl").read_text().splitlines()]
     assert len(attempts) == 2 and attempts[1]["node"] != worker.node_id

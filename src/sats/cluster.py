@@ -186,6 +186,33 @@ class _Predictor:
         return {"case": cid, "ok": True, "message": f"{cid}: {ml:.1f} ml GTV{verdict}, {pred.seconds:.1f} s -> {paths['mask']}{note}"}
 
 
+#: Seconds an actor may take to be placed and to load the model before it is given up.
+ACTOR_START_S = 300.0
+
+
+def _ready_actors(ray, pool: list, console) -> list:
+    """The actors of ``pool`` that were placed and loaded the model within :data:`ACTOR_START_S`
+    (the cluster may have room for fewer than asked); an error when none was."""
+    refs = {a.__ray_ready__.remote(): a for a in pool}
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=ACTOR_START_S)
+    actors = []
+    for ref in ready:
+        try:
+            ray.get(ref)
+            actors.append(refs[ref])
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, SatsError):
+                raise cause from None
+            console.print(f"[yellow]a prediction actor failed to start:[/] {str(exc).splitlines()[0]}", highlight=False)
+    if not actors:
+        raise SatsError(f"no Ray actor could start within {ACTOR_START_S:.0f} s (is there a node with the resources asked for?)")
+    if late:
+        console.print(f"[yellow]{len(late)} of {len(pool)} actors found no room on the cluster; going on with {len(actors)}[/]",
+                      highlight=False)
+    return actors
+
+
 def predict_on_ray(input_path: Path, output: Path, models: list[Path], options, address: str, workers: int = 2,
                    cpus: int = 1, console=None) -> tuple[int, int]:
     """``sats predict -i FOLDER --ray``: the cases spread over ``workers`` actors, each with
@@ -213,17 +240,21 @@ def predict_on_ray(input_path: Path, output: Path, models: list[Path], options, 
                                            max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
     pool = [actor.remote([str(Path(m).resolve()) for m in models], asdict(options), str(output), token, cpus)
             for _ in range(max(1, min(workers, len(items))))]
-    pending = {}
-    for i, (cid, path) in enumerate(items):
-        ref = pool[i % len(pool)].predict.remote(cid, str(Path(path).resolve()), str(output))
-        pending[ref] = cid
-    done = failed = 0
     try:
+        idle = _ready_actors(ray, pool, console)
+        todo = list(items)
+        pending: dict = {}
+        done = failed = 0
         with progress_bar(console) as progress:
-            bar = progress.add_task(f"cases on {len(pool)} Ray actor(s)", total=len(items))
-            while pending:
+            bar = progress.add_task(f"cases on {len(idle)} Ray actor(s)", total=len(items))
+            while todo or pending:
+                while todo and idle:  # each actor one case at a time: a fast one takes more
+                    cid, path = todo.pop(0)
+                    a = idle.pop()
+                    pending[a.predict.remote(cid, str(Path(path).resolve()), str(output))] = (cid, a)
                 ready, _ = ray.wait(list(pending), num_returns=1)
-                cid = pending.pop(ready[0])
+                cid, a = pending.pop(ready[0])
+                idle.append(a)
                 try:
                     result = ray.get(ready[0])
                 except ray.exceptions.RayError as exc:
