@@ -2,7 +2,7 @@
 # GPU checks for issue 12, one prepared script (under 8 minutes on an H100/H200):
 #   1. paper-preset training steps: before (--plain) and now, fp32 and bf16, and compiled bf16;
 #   2. a short real `sats train --preset paper` on phantoms (prints the projected schedule);
-#   3. `sats predict --device cuda` on a 512 x 512 x 150 phantom, both precisions.
+#   3. `sats predict --device cuda` on a 512 x 512 x 150 phantom, both precisions (--no-qa), and with the quality check.
 #   4. where a GPU prediction's time goes, stage by stage (bench/predict_stages.py).
 #   5. every backbone at the paper's scale (issue 25): s/step and peak memory, bf16 (STEPS=5 alone: ~4 min).
 #   RESULTS=/tmp/gpu [STEPS=1234] bash bench/gpu.sh
@@ -40,10 +40,17 @@ cp "$WORK/big/big_0000.nii.gz" "$WORK/big/big2_0000.nii.gz"
 if want 3; then
 step "3. sats predict --device cuda, 512 x 512 x 150 phantom; then a folder of two (the second case warm)"
 for p in fp32 bf16; do
-  ( time python3 -m sats predict -i "$WORK/big/big_0000.nii.gz" -o "$WORK/pred_$p.nii.gz" -m "$WORK/run" --device cuda --precision $p ) 2>&1 \
+  ( time python3 -m sats predict -i "$WORK/big/big_0000.nii.gz" -o "$WORK/pred_$p.nii.gz" -m "$WORK/run" --device cuda --precision $p --no-qa ) 2>&1 \
     | grep -E "ml GTV|real|rror" | sed "s/^/$p: /" | log
 done
-( time python3 -m sats predict -i "$WORK/big" -o "$WORK/pred_dir" -m "$WORK/run" --device cuda ) 2>&1 | tr '\r' '\n' | grep -E "ml GTV|real|rror|s/case| s$" | tail -5 | log
+# The quality check (issue 26: the mirrored pass, the nasopharynx check, the review sheet) where matplotlib is there.
+if python3 -c "import matplotlib, PIL" 2>/dev/null; then
+  ( time python3 -m sats predict -i "$WORK/big/big_0000.nii.gz" -o "$WORK/pred_qa.nii.gz" -m "$WORK/run" --device cuda ) 2>&1 \
+    | grep -E "ml GTV|real|rror" | sed "s/^/with QA: /" | log
+else
+  echo "with QA: skipped (matplotlib or Pillow not importable here)" | log
+fi
+( time python3 -m sats predict -i "$WORK/big" -o "$WORK/pred_dir" -m "$WORK/run" --device cuda --no-qa ) 2>&1 | tr '\r' '\n' | grep -E "ml GTV|real|rror|s/case| s$" | tail -5 | log
 fi
 if want 4; then
 step "4. stages of one GPU prediction (reading excluded)"

@@ -32,7 +32,7 @@ def main() -> None:
     run = load_run(args.run, device)
     ct = read_image(args.ct)
     precision = resolve_precision(args.precision, device)
-    opt = PredictOptions(device=str(device), precision=precision)
+    opt = PredictOptions(device=str(device), precision=precision, quality=False)  # the stages below are the network path alone
     print(f"{args.ct.name}: {ct.shape[::-1]} voxels (x, y, z), device {device}, precision {precision}")
     for attempt in ("cold", "warm"):
         times: dict[str, float] = {}

@@ -78,7 +78,7 @@ def main() -> None:
             for name in todo:
                 run = loaded[name]
                 seed = run.config.train.seed
-                mask = predict_case(run, ct, pre, region=rois[seed], precision="fp32").mask
+                mask = predict_case(run, ct, pre, region=rois[seed], precision="fp32", quality=False).mask
                 m = compute_metrics(mask.array, label.array, ct.spacing, case=case.case_id)
                 writer.writerow({"variant": name.rsplit("-s", 1)[0], "seed": seed, "case": case.case_id, "dsc": m.dsc,
                                  "hd95": m.hd95, "asd": m.asd, "nsd": m.nsd, "roi_source": rois[seed].source,

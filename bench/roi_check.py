@@ -76,8 +76,8 @@ def main() -> None:
                 f"{row['all_windows']:>4} {row['miss']:>7.4f} {row['seconds']:>5.1f}")
         if args.dsc:
             truth = label.array > 0
-            row["dsc_roi"] = dice(predict_case(run, ct, pre, region=roi, precision="fp32").mask.array > 0, truth)
-            row["dsc_whole"] = dice(predict_case(run, ct, pre, roi="whole", precision="fp32").mask.array > 0, truth)
+            row["dsc_roi"] = dice(predict_case(run, ct, pre, region=roi, precision="fp32", quality=False).mask.array > 0, truth)
+            row["dsc_whole"] = dice(predict_case(run, ct, pre, roi="whole", precision="fp32", quality=False).mask.array > 0, truth)
             line += f" {row['dsc_roi']:>8.2f} {row['dsc_whole']:>9.2f}"
         print(line, flush=True)
         rows.append(row)

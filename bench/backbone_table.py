@@ -1,0 +1,81 @@
+"""Issue 25's E1/E2 table from a study folder: every arm's parameters, GFLOP and seconds a
+training step, its test metrics, and its paired difference against nnunet's `unet`.
+
+    python bench/backbone_table.py STUDY [--cross]
+
+Parameters and GFLOP (one training step, batch 2, forward and backward, torch's FLOP
+counter) are those of the plan each run trained (its config.json) on the meta device;
+s/step is the median epoch time of the arm's runs (log.csv) over the iterations of an
+epoch, so a run slowed for a while by other work on the machine counts little. Metrics
+come from summary.md's rows (seed-averaged per case, then mean over cases), the paired
+columns from summary.json (two-level 95 % interval: seeds, then cases). ``--cross``
+reads STUDY/cross (the runs scored on the other test split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import statistics
+from pathlib import Path
+
+from sats.evaluation.ablation import parse_arm
+from sats.model.backbones import build_on_meta, step_gflop
+from sats.model.network import NetworkPlan, count_parameters
+
+
+def arm_costs(study: Path) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for cfg_file in sorted(study.glob("runs/*/config.json")):
+        arm = cfg_file.parent.name.rsplit("-s", 1)[0]
+        cfg = json.loads(cfg_file.read_text())
+        log = cfg_file.parent / "log.csv"
+        if not log.exists():
+            continue
+        rows = list(csv.DictReader(open(log)))
+        secs = [float(r["seconds"]) / int(cfg["train"]["iters_per_epoch"]) for r in rows]
+        entry = out.setdefault(arm, {"secs": []})
+        entry["secs"] += secs
+        if "params" not in entry:
+            plan = NetworkPlan.from_dict(cfg["plan"])
+            net = build_on_meta(plan)
+            entry.update(params=count_parameters(net) / 1e6, gflop=step_gflop(plan, int(cfg["train"]["batch_size"]), net=net),
+                         patch="x".join(map(str, plan.patch_size)))
+    return out
+
+
+def metric_rows(summary_md: Path) -> dict[str, list[str]]:
+    rows = {}
+    for line in summary_md.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and re.match(r"^\d+$", cells[1] or ""):
+            rows[cells[0]] = cells  # variant, runs, cases, DSC, HD95, ASD, NSD
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", type=Path)
+    ap.add_argument("--cross", action="store_true")
+    args = ap.parse_args()
+    folder = args.study / "cross" if args.cross else args.study
+    costs = arm_costs(args.study)
+    metrics = metric_rows(folder / "summary.md")
+    paired = json.loads((folder / "summary.json").read_text())
+    print("| arm | arch | variant | runs | patch | params (M) | GFLOP/step | s/step | DSC (%) | HD95 (mm) | NSD 1 mm (%) "
+          "| ΔDSC vs `unet` (2-level 95 % CI) | per seed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for arm, m in metrics.items():
+        variant, arch = parse_arm(arm)
+        c = costs.get(arm, {})
+        d = paired.get(arm, {}).get("unet", {}).get("dsc")
+        delta = (f"{d['mean_diff']:+.2f} ({d['ci_low_2level']:+.2f} to {d['ci_high_2level']:+.2f})" if d else "(baseline)")
+        seeds = ", ".join(f"{v:+.1f}" for v in d["per_seed"]) if d else ""
+        cost = (f"{c['patch']} | {c['params']:.2f} | {c['gflop']:.2f} | {statistics.median(c['secs']):.3f}" if c else " | | | ")
+        print(f"| `{arm}` | {arch} | {variant} | {m[1]} | {cost} | {m[3]} | {m[4]} | {m[6]} | {delta} | {seeds} |")
+
+
+if __name__ == "__main__":
+    main()
