@@ -57,7 +57,8 @@ def review_image(ct: Volume, mask: Volume, qa: dict, title: str, box: tuple[slic
         mask: the prediction on the CT's grid (non-zero = inside).
         qa: the verdict (:func:`sats.predict.quality.assess`).
         title: what the sheet names the case by.
-        box: the ROI on the CT's grid (z, y, x slices), drawn as a rectangle.
+        box: the ROI on the CT's grid (z, y, x slices), drawn as a rectangle; the panels show
+            it with half its size around it (the whole slice without a box).
     """
     import matplotlib
 
@@ -88,6 +89,10 @@ def review_image(ct: Volume, mask: Volume, qa: dict, title: str, box: tuple[slic
             r0, r1 = (rows.start, rows.stop) if axes_idx[0] != 0 else (img.shape[0] - rows.stop, img.shape[0] - rows.start)
             ax.add_patch(Rectangle((cols.start - 0.5, r0 - 0.5), cols.stop - cols.start, r1 - r0, fill=False,
                                    edgecolor="#ffd000", linewidth=1.0, linestyle="--"))
+            # Zoomed on the ROI with half its size around it: the contour must be readable.
+            mr, mc = max(10, (r1 - r0) // 2), max(10, (cols.stop - cols.start) // 2)
+            ax.set_xlim(max(cols.start - mc, 0) - 0.5, min(cols.stop + mc, img.shape[1]) - 0.5)
+            ax.set_ylim(min(r1 + mr, img.shape[0]) - 0.5, max(r0 - mr, 0) - 0.5)
         ax.set_title(name, color="white", fontsize=10)
         for (x, y, text, ha, va) in ((0.01, 0.5, left, "left", "center"), (0.99, 0.5, right, "right", "center"),
                                      (0.5, 0.99, top, "center", "top"), (0.5, 0.01, bottom, "center", "bottom")):
