@@ -7,7 +7,8 @@ RUN: a RUN of folds with ``quality.json`` (``sats train TESTBED --folds 0,1,2,3,
 Every test CT of TESTBED (imagesTs/labelsTs) is prepared once (plane, ROI of the ensemble)
 and predicted by each fold alone, by the ensemble with its quality model, and by the
 ensemble without its temperature. Writes OUT/{tag}cases.csv (per case: DSC of each fold and
-of the ensemble, the verdict and its parts) and OUT/{tag}summary.md, and prints the summary:
+of the ensemble, the verdict and its parts), OUT/{tag}summary.md and OUT/{tag}reliability.png
+(the test ROI voxels with T = 1 and with the fitted T), and prints the summary:
 
 * ensemble minus each fold and minus the folds' mean, DSC points, with a 95 % bootstrap
   interval over cases (10,000 resamples);
@@ -29,7 +30,7 @@ import numpy as np
 
 from sats.data.dataset import list_cases
 from sats.data.io import read_image
-from sats.evaluation.crossval import auroc
+from sats.evaluation.crossval import auroc, reliability_plot
 from sats.evaluation.metrics import dice
 from sats.predict.inference import Ensemble, load_model, native_box, predict_case, roi_for, PredictOptions
 from sats.predict.quality import FEATURES, Evidence, expected_calibration_error
@@ -77,7 +78,11 @@ def main() -> None:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    text = summary(rows, len(ens.members), ens.quality, np.concatenate(cal), np.concatenate(uncal), np.concatenate(labels))
+    cal, uncal, labels = np.concatenate(cal), np.concatenate(uncal), np.concatenate(labels)
+    reliability_plot(uncal, labels, ens.quality.temperature, args.out / f"{args.tag}reliability.png",
+                     title=f"test ROI voxels, {args.testbed.name}",
+                     curves=[(uncal, "ensemble, T = 1"), (cal, f"ensemble, T = {ens.quality.temperature:.2f}")])
+    text = summary(rows, len(ens.members), ens.quality, cal, uncal, labels)
     (args.out / f"{args.tag}summary.md").write_text(text)
     print(text)
 

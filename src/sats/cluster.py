@@ -92,7 +92,7 @@ def _study_task(settings: dict, out: str, arm: str, seed: int, device: str, cpus
 
     check_shared(out, token)
     _threads(cpus)
-    console = Console(file=open(os.devnull, "w"))
+    console = Console(quiet=True)  # the driver reports each run; the worker says nothing
     t0 = time.time()
     run = run_dir(Path(out), arm, seed)
     run.mkdir(parents=True, exist_ok=True)

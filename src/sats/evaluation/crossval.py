@@ -145,17 +145,20 @@ def fit_run_quality(out: Path, console=None) -> QualityModel:
     return model
 
 
-def reliability_plot(prob: np.ndarray, label: np.ndarray, temperature: float, path: Path, bins: int = 15) -> Path:
+def reliability_plot(prob: np.ndarray, label: np.ndarray, temperature: float, path: Path, bins: int = 15,
+                     title: str = "out-of-fold ROI voxels", curves: list[tuple[np.ndarray, str]] | None = None) -> Path:
     """The reliability diagram (observed foreground frequency against predicted probability,
-    equal-width bins) before and after the temperature, with each bin's voxel count."""
+    equal-width bins) of ``prob`` before and after the temperature, or of the given
+    ``curves`` (probabilities, name) on the same ``label`` voxels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = curves or [(prob, "uncalibrated"), (calibrate(prob, temperature), f"T = {temperature:.2f}")]
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    for p, name in ((prob, "uncalibrated"), (calibrate(prob, temperature), f"T = {temperature:.2f}")):
+    for p, name in curves:
         idx = np.minimum((p * bins).astype(int), bins - 1)
         n = np.bincount(idx, minlength=bins)
         ok = n > 0
@@ -164,7 +167,7 @@ def reliability_plot(prob: np.ndarray, label: np.ndarray, temperature: float, pa
         ax.plot(conf, freq, marker="o", ms=3, label=f"{name}: ECE {expected_calibration_error(p, label, bins):.4f}")
     ax.set_xlabel("predicted GTV probability")
     ax.set_ylabel("observed GTV frequency")
-    ax.set_title(f"out-of-fold ROI voxels ({len(prob):,})")
+    ax.set_title(f"{title} ({len(label):,})")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     with atomic_path(Path(path), suffix=".png") as tmp:
