@@ -330,3 +330,19 @@ def test_flagged_rtstruct_seg_and_secondary_capture_pass_dciodvfy(lung_dicom, tm
     from PIL import Image
 
     np.testing.assert_array_equal(sc.pixel_array, np.asarray(Image.open(paths["review"]).convert("RGB")))
+
+
+def test_an_ensemble_is_scored_member_by_member_as_each_was_fitted(fold_run):
+    """The score was fitted on one model's out-of-fold evidence: an ensemble's score is the
+    mean of its members' scores, each member's the score it gets predicting alone."""
+    run, data = fold_run
+    ct = read_image(sorted((data / "imagesTr").iterdir())[4])
+    model = QualityModel(mean=[0.5] * len(FEATURES), scale=[0.2] * len(FEATURES), coef=[-1.0, -1.0, 1.0, 0.5, 1.0],
+                         intercept=0.0, threshold=0.5)
+    ens = Ensemble(load_model(run).members, model)
+    pre = ens.preprocessor(ct)
+    whole = predict_case(ens, ct, pre, roi="whole")
+    alone = [predict_case(Ensemble([m], model), ct, pre, roi="whole").qa for m in ens.members]
+    assert [m["score"] for m in whole.qa["members"]] == pytest.approx([a["score"] for a in alone], abs=1e-4)
+    assert whole.qa["score"] == pytest.approx(np.mean([a["score"] for a in alone]), abs=1e-4)
+    assert [m["volume_ml"] for m in whole.qa["members"]] == pytest.approx([a["parts"]["volume_ml"] for a in alone], abs=1e-3)

@@ -438,11 +438,16 @@ def predict_case(
     asym_native = paste(ct, box, resample_to(roi_grid.with_array(asym), sub, order=1, default=0.0).array) if asym is not None else None
     qa = {}
     if opt.quality:
-        kept = prob >= 0.5
-        qa = assess(evidence(
-            prob, np.mean([q[1] for q in passes], axis=0), keep_largest_component(kept) if opt.largest_component else kept,
-            float(mask.array.sum()) * mask.voxel_volume_ml, [q[0] >= 0.5 for q in passes],
-            nasopharynx_in_view(head_frame(ct, pre.grid, pre.plane)), roi.source), ens.quality)
+        def component(p: np.ndarray) -> np.ndarray:
+            return keep_largest_component(p >= 0.5) if opt.largest_component else p >= 0.5
+
+        def native_ml(p: np.ndarray) -> float:  # a member's own mask on the input grid, as one model would write it
+            return float(component(resample_to(roi_grid.with_array(p), sub, order=1, default=0.0).array).sum()) * ct.voxel_volume_ml
+
+        ml = float(mask.array.sum()) * mask.voxel_volume_ml
+        members = [evidence(p, pm, component(p), native_ml(p)) for p, pm, _ in passes] if len(passes) > 1 else None
+        qa = assess(evidence(prob, np.mean([q[1] for q in passes], axis=0), component(prob), ml, [q[0] >= 0.5 for q in passes],
+                             nasopharynx_in_view(head_frame(ct, pre.grid, pre.plane)), roi.source), ens.quality, members)
     return Prediction(mask, prob_native, asym_native, time.time() - t0, qa, roi, pre.grid)
 
 

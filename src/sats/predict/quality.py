@@ -23,8 +23,10 @@ nasopharynx in view; no GTV found; ensemble members disagree (``member_dice`` be
 :data:`FEATURES`, fitted on the training folds' out-of-fold predictions (never a test
 split; :mod:`sats.evaluation.crossval`); ``score`` is the estimated probability that DSC is
 50 % or more. Its threshold flags 90 % of the out-of-fold failures (:data:`TARGET_SENSITIVITY`).
-Out-of-fold predictions come from one model each, so an ensemble's evidence is computed on
-its mean probabilities: slightly smoother than a single member's.
+Out-of-fold predictions come from one model each, so an ensemble is scored member by
+member, each on its own probabilities, and the scores averaged: the ensemble's mean
+probabilities are smoother than any member's and would read as less sure (on the test bed
+that alone flagged every case).
 
 **Calibration**: the same file holds a temperature T, fitted on the out-of-fold voxels of
 the prediction ROI by minimising the negative log-likelihood; every member's logits are
@@ -166,9 +168,17 @@ def load_quality(path: Path) -> QualityModel | None:
         raise SatsError(f"{path}: not a sats quality model ({exc})") from None
 
 
-def assess(ev: Evidence, model: QualityModel | None) -> dict:
-    """The verdict of one case: ``{"score", "parts", "flag", "reason", "threshold"}`` (the QA JSON)."""
-    score = model.score(ev) if model is not None else None
+def assess(ev: Evidence, model: QualityModel | None, members: list[Evidence] | None = None) -> dict:
+    """The verdict of one case: ``{"score", "parts", "flag", "reason", "threshold", ...}`` (the QA JSON).
+
+    ``ev``: the evidence of the contour written (an ensemble's, from its mean probabilities),
+    which the rules read. ``members``: for an ensemble, each member's own evidence (its own
+    probabilities, mask and volume): the score is the mean of the members' scores, since the
+    score was fitted on one model's out-of-fold predictions and an ensemble's smoother
+    probabilities would read as less sure than any of its members is.
+    """
+    scored = members if members and len(members) > 1 else [ev]
+    score = float(np.mean([model.score(m) for m in scored])) if model is not None and model.fitted else None
     threshold = model.threshold if model is not None and model.fitted else None
     reasons = []
     if ev.nasopharynx is not None:
@@ -182,6 +192,11 @@ def assess(ev: Evidence, model: QualityModel | None) -> dict:
     parts = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(ev).items()}
     if model is not None:
         parts["volume_z"] = round(float(ev.features(model.log_volume)[FEATURES.index("volume_z")]), 4)
+    extra = {}
+    if members and len(members) > 1:
+        extra["members"] = [{**{f: round(getattr(m, f), 4) for f in ("mirror_dice", "mean_prob", "entropy", "volume_ml",
+                                                                   "outside_fraction")},
+                             "score": None if score is None else round(model.score(m), 4)} for m in members]  # type: ignore[union-attr]
     if reasons:
         reason = "; ".join(reasons)
     elif score is None:
@@ -189,7 +204,7 @@ def assess(ev: Evidence, model: QualityModel | None) -> dict:
     else:
         reason = f"quality score {score:.2f} at or above {threshold:.2f}"
     return {"score": None if score is None else round(score, 4), "parts": parts, "flag": "review" if reasons else "ok",
-            "reason": reason, "threshold": threshold, "temperature": model.temperature if model is not None else 1.0}
+            "reason": reason, "threshold": threshold, "temperature": model.temperature if model is not None else 1.0, **extra}
 
 
 # --- fitting, on out-of-fold predictions ------------------------------------------------------
