@@ -346,3 +346,19 @@ def test_an_ensemble_is_scored_member_by_member_as_each_was_fitted(fold_run):
     assert [m["score"] for m in whole.qa["members"]] == pytest.approx([a["score"] for a in alone], abs=1e-4)
     assert whole.qa["score"] == pytest.approx(np.mean([a["score"] for a in alone]), abs=1e-4)
     assert [m["volume_ml"] for m in whole.qa["members"]] == pytest.approx([a["parts"]["volume_ml"] for a in alone], abs=1e-3)
+
+
+def test_the_temperature_changes_the_probabilities_written_not_the_evidence(fold_run):
+    """The score was fitted on evidence read before any temperature: calibrating the written
+    probabilities must leave the verdict's inputs as they were."""
+    run, data = fold_run
+    ct = read_image(sorted((data / "imagesTr").iterdir())[5])
+    member = load_model(run / "fold_0").members[0]
+    pre = member.preprocessor(ct)
+    plain = predict_case(Ensemble([member], QualityModel(temperature=1.0)), ct, pre, roi="whole")
+    warm = predict_case(Ensemble([member], QualityModel(temperature=2.5)), ct, pre, roi="whole")
+    assert plain.qa["parts"] == warm.qa["parts"]
+    p, q = plain.probabilities.array, warm.probabilities.array
+    inside = (p > 0.6) & (p < 0.99)
+    assert inside.any() and np.all(q[inside] < p[inside])  # flatter: sigmoid(z / 2.5) nearer 0.5
+    np.testing.assert_array_equal(plain.mask.array, warm.mask.array)  # one model: z >= 0 either way

@@ -416,15 +416,16 @@ def predict_case(
     pre = pre or ens.preprocessor(ct)
     roi = region or roi_for(ens, ct, pre, opt)
     crop = pre.channels[(slice(None), *roi.slices)]
-    passes = []
-    for m in ens.members:
-        maps = sliding_window_logits(m.model, crop, m.patch_size, overlap=opt.overlap, device=opt.device, precision=opt.precision,
-                                     mirror_pass=opt.tta or opt.quality, asymmetry=opt.asymmetry_map, on_window=on_window)
-        p = sigmoid(maps.logits, ens.temperature)
-        p_mirror = sigmoid(maps.logits_mirror, ens.temperature) if maps.logits_mirror is not None else None
-        passes.append(((p + p_mirror) / 2 if opt.tta else p, p_mirror, maps.asymmetry))
-    prob = np.mean([q[0] for q in passes], axis=0) if len(passes) > 1 else passes[0][0]
-    asym = np.mean([q[2] for q in passes], axis=0) if opt.asymmetry_map else None
+    maps = [sliding_window_logits(m.model, crop, m.patch_size, overlap=opt.overlap, device=opt.device, precision=opt.precision,
+                                  mirror_pass=opt.tta or opt.quality, asymmetry=opt.asymmetry_map, on_window=on_window)
+            for m in ens.members]
+
+    def member_prob(w: WindowMaps, temperature: float) -> np.ndarray:
+        p = sigmoid(w.logits, temperature)
+        return (p + sigmoid(w.logits_mirror, temperature)) / 2 if opt.tta else p  # type: ignore[arg-type]
+
+    prob = np.mean([member_prob(w, ens.temperature) for w in maps], axis=0) if len(maps) > 1 else member_prob(maps[0], ens.temperature)
+    asym = np.mean([w.asymmetry for w in maps], axis=0) if opt.asymmetry_map else None
     # Outside the ROI every map is 0: resample only the part of the input grid it covers.
     box = native_box(roi, pre.grid, ct)
     sub = sub_volume(ct, box)
@@ -444,9 +445,13 @@ def predict_case(
         def native_ml(p: np.ndarray) -> float:  # a member's own mask on the input grid, as one model would write it
             return float(component(resample_to(roi_grid.with_array(p), sub, order=1, default=0.0).array).sum()) * ct.voxel_volume_ml
 
+        # The evidence reads each model's own probabilities before the temperature, as the
+        # out-of-fold evidence the score was fitted on did (its fit came before the temperature).
+        raw = [(member_prob(w, 1.0), sigmoid(w.logits_mirror)) for w in maps]
         ml = float(mask.array.sum()) * mask.voxel_volume_ml
-        members = [evidence(p, pm, component(p), native_ml(p)) for p, pm, _ in passes] if len(passes) > 1 else None
-        qa = assess(evidence(prob, np.mean([q[1] for q in passes], axis=0), component(prob), ml, [q[0] >= 0.5 for q in passes],
+        members = [evidence(p, pm, component(p), native_ml(p)) for p, pm in raw] if len(raw) > 1 else None
+        p_raw = np.mean([p for p, _ in raw], axis=0)
+        qa = assess(evidence(p_raw, np.mean([pm for _, pm in raw], axis=0), component(p_raw), ml, [p >= 0.5 for p, _ in raw],
                              nasopharynx_in_view(head_frame(ct, pre.grid, pre.plane)), roi.source), ens.quality, members)
     return Prediction(mask, prob_native, asym_native, time.time() - t0, qa, roi, pre.grid)
 
