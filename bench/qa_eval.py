@@ -116,12 +116,9 @@ def summary(rows: list[dict], n_folds: int, quality, cal: np.ndarray, uncal: np.
         spec = (~flagged[~bad]).mean() if (~bad).any() else float("nan")
         out.append(f"\nflag for {what}: {int(bad.sum())} such cases; sensitivity {sens:.2f} ({int((flagged & bad).sum())}/"
                    f"{int(bad.sum())}), specificity {spec:.2f} ({int((~flagged & ~bad).sum())}/{int((~bad).sum())})")
-    reasons = {}
-    for r in rows:
-        if r["flag"] == "review":
-            for part in r["reason"].split("; "):
-                key = part.split(" (")[0] if not part.startswith("quality score") else "quality score below threshold"
-                reasons[key] = reasons.get(key, 0) + 1
+    rules = {"no nasopharynx in view": "no nasopharynx found", "no GTV found": "no GTV found",
+             "members disagree": "members disagree", "score below threshold": "quality score"}
+    reasons = {name: sum(r["flag"] == "review" and text in r["reason"] for r in rows) for name, text in rules.items()}
     out.append(f"\nflagged: {int(flagged.sum())} of {len(rows)}; reasons: {json.dumps(reasons)}")
     out.append(f"\ncalibration over {len(labels):,} ROI voxels: ECE {expected_calibration_error(uncal, labels):.4f} with T = 1, "
                f"{expected_calibration_error(cal, labels):.4f} with T = {quality.temperature:.2f}")
