@@ -8,8 +8,10 @@ counter) are those of the plan each run trained (its config.json) on the meta de
 s/step is the median epoch time of the arm's runs (log.csv) over the iterations of an
 epoch, so a run slowed for a while by other work on the machine counts little. Metrics
 come from summary.md's rows (seed-averaged per case, then mean over cases), the paired
-columns from summary.json (two-level 95 % interval: seeds, then cases). ``--cross``
-reads STUDY/cross (the runs scored on the other test split).
+columns from summary.json (two-level 95 % interval: seeds, then cases). A second table pairs
+each asymmetry arm against the plain `unet` on its own backbone (fusion-reg@stunet-l minus
+unet@stunet-l), from cases.csv. ``--cross`` reads STUDY/cross (the runs scored on the other
+test split).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import re
 import statistics
 from pathlib import Path
 
-from sats.evaluation.ablation import parse_arm
+from sats.evaluation.ablation import parse_arm, per_seed_table, seed_case_differences, seed_level
 from sats.model.backbones import build_on_meta, step_gflop
 from sats.model.network import NetworkPlan, count_parameters
 
@@ -75,6 +77,22 @@ def main() -> None:
         seeds = ", ".join(f"{v:+.1f}" for v in d["per_seed"]) if d else ""
         cost = (f"{c['patch']} | {c['params']:.2f} | {c['gflop']:.2f} | {statistics.median(c['secs']):.3f}" if c else " | | | ")
         print(f"| `{arm}` | {arch} | {variant} | {m[1]} | {cost} | {m[3]} | {m[4]} | {m[6]} | {delta} | {seeds} |")
+    table = per_seed_table(list(csv.DictReader(open(folder / "cases.csv"))))
+    pairs = [(a, f"unet@{parse_arm(a)[1]}" if parse_arm(a)[1] != "nnunet" else "unet") for a in table if parse_arm(a)[0] != "unet"]
+    print("\n| on its own backbone | ΔDSC (pp) | 2-level 95 % CI | per seed | ΔNSD (pp) | 2-level 95 % CI |")
+    print("|---|---|---|---|---|---|")
+    for arm, base in pairs:
+        if base not in table:
+            continue
+        row = []
+        for metric in ("dsc", "nsd"):
+            _, d = seed_case_differences(table[arm], table[base], metric)
+            lvl = seed_level(table[arm], table[base], metric)
+            row.append((float(d.mean()), lvl))
+        (dd, ld), (dn, ln) = row
+        print(f"| `{arm}` − `{base}` | {dd:+.2f} | {ld['ci_low_2level']:+.2f} to {ld['ci_high_2level']:+.2f} | "
+              + ", ".join(f"{v:+.1f}" for v in ld["per_seed"])
+              + f" | {dn:+.2f} | {ln['ci_low_2level']:+.2f} to {ln['ci_high_2level']:+.2f} |")
 
 
 if __name__ == "__main__":
