@@ -147,7 +147,7 @@ class QualityModel:
             return None
         x = (ev.features(self.log_volume) - np.array(self.mean)) / np.array(self.scale)
         logit_fail = float(x @ np.array(self.coef) + self.intercept)
-        return float(1.0 / (1.0 + math.exp(logit_fail))) if logit_fail > -700 else 1.0
+        return float(0.5 * (1.0 - math.tanh(0.5 * logit_fail)))  # 1 / (1 + e^z) without overflow
 
     def save(self, path: Path) -> Path:
         return write_text_atomic(path, json.dumps({"format": QUALITY_FORMAT, **asdict(self)}, indent=2))
