@@ -62,6 +62,25 @@ def test_a_worker_that_cannot_see_the_folder_says_so(tmp_path):
         check_shared(str(tmp_path / "elsewhere"), token)
 
 
+def test_an_address_where_nothing_answers_fails_at_once(tiny_trained_run, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run, data = tiny_trained_run
+    inp = tmp_path / "in"
+    inp.mkdir()
+    ct = sorted((data / "imagesTr").iterdir())[0]
+    (inp / ct.name).write_bytes(ct.read_bytes())
+    t0 = time.monotonic()
+    res = CliRunner().invoke(app, ["predict", "-i", str(inp), "-o", str(tmp_path / "out"), "-m", str(run),
+                                   "--ray", f"127.0.0.1:{port}"])
+    assert res.exit_code != 0 and time.monotonic() - t0 < 30
+    assert f"nothing answers at 127.0.0.1:{port}" in res.output and res.output.count("\n") == 1, res.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_a_study_on_the_cluster_gives_the_local_results(cluster, tmp_path):
     import torch
 

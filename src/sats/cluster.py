@@ -43,9 +43,33 @@ MAX_RETRIES = 3
 TOKEN = ".sats-ray-token"
 
 
-def connect(address: str):
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``host:port`` or ``ray://host:port`` address; None for auto/local."""
+    rest = address.split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def connect(address: str, timeout_s: float = 10.0):
     """``ray.init`` at ``address`` (``auto``: the cluster this machine belongs to; ``local``:
-    a new one-machine cluster; ``ray://host:port`` or ``host:port``); the ``ray`` module."""
+    a new one-machine cluster; ``ray://host:port`` or ``host:port``); the ``ray`` module.
+
+    A ``host:port`` that does not answer within ``timeout_s`` fails at once (Ray itself
+    retries for minutes). A head on a loopback address is a one-machine cluster: this
+    driver then reports 127.0.0.1 too (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when
+    Ray is imported); without it Ray would look for this driver's node at the machine's
+    outward address and wait for it.
+    """
+    hp = _host_port(address)
+    if hp is not None:
+        try:
+            socket.create_connection(hp, timeout=timeout_s).close()
+        except OSError as exc:
+            raise SatsError(f"--ray {address}: nothing answers at {hp[0]}:{hp[1]} ({exc})") from None
+        if hp[0] in ("localhost", "::1") or hp[0].startswith("127."):
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
