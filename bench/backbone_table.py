@@ -1,12 +1,14 @@
 """Issue 25's E1/E2 table from a study folder: every arm's parameters, GFLOP and seconds a
 training step, its test metrics, and its paired difference against nnunet's `unet`.
 
-    python bench/backbone_table.py STUDY [--cross]
+    python bench/backbone_table.py STUDY [--cross] [--speed SPEED.md]
 
 Parameters and GFLOP (one training step, batch 2, forward and backward, torch's FLOP
 counter) are those of the plan each run trained (its config.json) on the meta device;
 s/step is the median epoch time of the arm's runs (log.csv) over the iterations of an
-epoch, so a run slowed for a while by other work on the machine counts little. Metrics
+epoch, so a run slowed for a while by other work on the machine counts little; runs that
+shared the cores with others read slower than alone. ``--speed`` adds the arch's seconds a
+step measured alone, the table ``python bench/backbones.py --time`` prints. Metrics
 come from summary.md's rows (seed-averaged per case, then mean over cases), the paired
 columns from summary.json (two-level 95 % interval: seeds, then cases). A second table pairs
 each asymmetry arm against the plain `unet` on its own backbone (fusion-reg@stunet-l minus
@@ -61,14 +63,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", type=Path)
     ap.add_argument("--cross", action="store_true")
+    ap.add_argument("--speed", type=Path, help="the table of `python bench/backbones.py --time`")
     args = ap.parse_args()
+    alone = {}
+    if args.speed:
+        for line in args.speed.read_text().splitlines():
+            cells = [c.strip(" `") for c in line.strip().strip("|").split("|")]
+            if len(cells) == 4 and re.match(r"^[\d.]+$", cells[2]):
+                alone[cells[0]] = cells[2]
     folder = args.study / "cross" if args.cross else args.study
     costs = arm_costs(args.study)
     metrics = metric_rows(folder / "summary.md")
     paired = json.loads((folder / "summary.json").read_text())
-    print("| arm | arch | variant | runs | patch | params (M) | GFLOP/step | s/step | DSC (%) | HD95 (mm) | NSD 1 mm (%) "
+    print("| arm | arch | variant | runs | patch | params (M) | GFLOP/step | s/step in study" + (" | s/step alone" if alone else "") + " | DSC (%) | HD95 (mm) | NSD 1 mm (%) "
           "| ΔDSC vs `unet` (2-level 95 % CI) | per seed |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (14 if alone else 13) + "|")
     for arm, m in metrics.items():
         variant, arch = parse_arm(arm)
         c = costs.get(arm, {})
@@ -76,6 +85,8 @@ def main() -> None:
         delta = (f"{d['mean_diff']:+.2f} ({d['ci_low_2level']:+.2f} to {d['ci_high_2level']:+.2f})" if d else "(baseline)")
         seeds = ", ".join(f"{v:+.1f}" for v in d["per_seed"]) if d else ""
         cost = (f"{c['patch']} | {c['params']:.2f} | {c['gflop']:.2f} | {statistics.median(c['secs']):.3f}" if c else " | | | ")
+        if alone:
+            cost += f" | {alone.get(arch, '')}"
         print(f"| `{arm}` | {arch} | {variant} | {m[1]} | {cost} | {m[3]} | {m[4]} | {m[6]} | {delta} | {seeds} |")
     table = per_seed_table(list(csv.DictReader(open(folder / "cases.csv"))))
     pairs = [(a, f"unet@{parse_arm(a)[1]}" if parse_arm(a)[1] != "nnunet" else "unet") for a in table if parse_arm(a)[0] != "unet"]
