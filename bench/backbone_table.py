@@ -6,7 +6,8 @@ training step, its test metrics, and its paired difference against nnunet's `une
 Parameters and GFLOP (one training step, batch 2, forward and backward, torch's FLOP
 counter) are those of the plan each run trained (its config.json) on the meta device;
 s/step is the median epoch time of the arm's runs (log.csv) over the iterations of an
-epoch, so a run slowed for a while by other work on the machine counts little; runs that
+epoch, so a run slowed for a while by other work on the machine counts little (train
+min/run: the median of the finished runs' summed epoch times, every slowdown in); runs that
 shared the cores with others read slower than alone. ``--speed`` adds the arch's seconds a
 step measured alone, the table ``python bench/backbones.py --time`` prints. Metrics
 come from summary.md's rows (seed-averaged per case, then mean over cases), the paired
@@ -40,8 +41,10 @@ def arm_costs(study: Path) -> dict[str, dict]:
             continue
         rows = list(csv.DictReader(open(log)))
         secs = [float(r["seconds"]) / int(cfg["train"]["iters_per_epoch"]) for r in rows]
-        entry = out.setdefault(arm, {"secs": []})
+        entry = out.setdefault(arm, {"secs": [], "minutes": []})
         entry["secs"] += secs
+        if (cfg_file.parent / "model.pt").exists():
+            entry["minutes"].append(sum(float(r["seconds"]) for r in rows) / 60)
         if "params" not in entry:
             plan = NetworkPlan.from_dict(cfg["plan"])
             net = build_on_meta(plan)
@@ -75,9 +78,9 @@ def main() -> None:
     costs = arm_costs(args.study)
     metrics = metric_rows(folder / "summary.md")
     paired = json.loads((folder / "summary.json").read_text())
-    print("| arm | arch | variant | runs | patch | params (M) | GFLOP/step | s/step in study" + (" | s/step alone" if alone else "") + " | DSC (%) | HD95 (mm) | NSD 1 mm (%) "
+    print("| arm | arch | variant | runs | patch | params (M) | GFLOP/step | s/step in study" + (" | s/step alone" if alone else "") + " | train min/run | DSC (%) | HD95 (mm) | NSD 1 mm (%) "
           "| ΔDSC vs `unet` (2-level 95 % CI) | per seed |")
-    print("|---" * (14 if alone else 13) + "|")
+    print("|---" * (15 if alone else 14) + "|")
     for arm, m in metrics.items():
         variant, arch = parse_arm(arm)
         c = costs.get(arm, {})
@@ -87,6 +90,7 @@ def main() -> None:
         cost = (f"{c['patch']} | {c['params']:.2f} | {c['gflop']:.2f} | {statistics.median(c['secs']):.3f}" if c else " | | | ")
         if alone:
             cost += f" | {alone.get(arch, '')}"
+        cost += f" | {statistics.median(c['minutes']):.1f}" if c.get("minutes") else " | "
         print(f"| `{arm}` | {arch} | {variant} | {m[1]} | {cost} | {m[3]} | {m[4]} | {m[6]} | {delta} | {seeds} |")
     table = per_seed_table(list(csv.DictReader(open(folder / "cases.csv"))))
     pairs = [(a, f"unet@{parse_arm(a)[1]}" if parse_arm(a)[1] != "nnunet" else "unet") for a in table if parse_arm(a)[0] != "unet"]
