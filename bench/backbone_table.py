@@ -1,7 +1,8 @@
 """Issue 25's E1/E2 table from a study folder: every arm's parameters, GFLOP and seconds a
 training step, its test metrics, and its paired difference against nnunet's `unet`.
 
-    python bench/backbone_table.py STUDY [--cross] [--speed SPEED.md]
+    python bench/backbone_table.py STUDY [--cross | --scores DIR] [--speed SPEED.md]
+    python bench/backbone_table.py results/ablation/E1 --scores results/ablation/E2 --speed results/ablation/E1/speed.md
 
 Parameters and GFLOP (one training step, batch 2, forward and backward, torch's FLOP
 counter) are those of the plan each run trained (its config.json) on the meta device;
@@ -13,8 +14,8 @@ step measured alone, the table ``python bench/backbones.py --time`` prints. Metr
 come from summary.md's rows (seed-averaged per case, then mean over cases), the paired
 columns from summary.json (two-level 95 % interval: seeds, then cases). A second table pairs
 each asymmetry arm against the plain `unet` on its own backbone (fusion-reg@stunet-l minus
-unet@stunet-l), from cases.csv. ``--cross`` reads STUDY/cross (the runs scored on the other
-test split).
+unet@stunet-l), from cases.csv. ``--cross`` reads the scores from STUDY/cross (the runs
+scored on the other test split), ``--scores`` from another folder (the committed E2).
 """
 
 from __future__ import annotations
@@ -37,14 +38,13 @@ def arm_costs(study: Path) -> dict[str, dict]:
         arm = cfg_file.parent.name.rsplit("-s", 1)[0]
         cfg = json.loads(cfg_file.read_text())
         log = cfg_file.parent / "log.csv"
-        if not log.exists():
+        if not (log.exists() and (cfg_file.parent / "metrics.csv").exists()):  # finished and scored runs only
             continue
         rows = list(csv.DictReader(open(log)))
         secs = [float(r["seconds"]) / int(cfg["train"]["iters_per_epoch"]) for r in rows]
         entry = out.setdefault(arm, {"secs": [], "minutes": []})
         entry["secs"] += secs
-        if (cfg_file.parent / "model.pt").exists():
-            entry["minutes"].append(sum(float(r["seconds"]) for r in rows) / 60)
+        entry["minutes"].append(sum(float(r["seconds"]) for r in rows) / 60)
         if "params" not in entry:
             plan = NetworkPlan.from_dict(cfg["plan"])
             net = build_on_meta(plan)
@@ -66,6 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", type=Path)
     ap.add_argument("--cross", action="store_true")
+    ap.add_argument("--scores", type=Path, help="the folder of summary.md, summary.json and cases.csv (default STUDY)")
     ap.add_argument("--speed", type=Path, help="the table of `python bench/backbones.py --time`")
     args = ap.parse_args()
     alone = {}
@@ -74,7 +75,7 @@ def main() -> None:
             cells = [c.strip(" `") for c in line.strip().strip("|").split("|")]
             if len(cells) == 4 and re.match(r"^[\d.]+$", cells[2]):
                 alone[cells[0]] = cells[2]
-    folder = args.study / "cross" if args.cross else args.study
+    folder = args.scores or (args.study / "cross" if args.cross else args.study)
     costs = arm_costs(args.study)
     metrics = metric_rows(folder / "summary.md")
     paired = json.loads((folder / "summary.json").read_text())

@@ -1,18 +1,19 @@
 #!/bin/bash
 # Copy what a study leaves into the repository's results/ (no weights, caches or predictions):
-#   bash bench/collect_results.sh ablation STUDY_DIR results/ablation/NAME
+#   bash bench/collect_results.sh ablation STUDY_DIR results/ablation/NAME [CROSS_NAME]
+#       (the runs scored on the other test split, STUDY_DIR/cross, go to CROSS_NAME, else NAME/cross)
 #   bash bench/collect_results.sh folds RUN_DIR results/quality/NAME
 set -eu
-kind=$1 src=$2 dst=$3
+kind=$1 src=$2 dst=$3 cross=${4:-$3/cross}
 mkdir -p "$dst"
 if [ "$kind" = ablation ]; then
     for f in ablation.json ablation.png cases.csv summary.json summary.md subgroups.json subgroups.png; do
         [ -f "$src/$f" ] && cp "$src/$f" "$dst/"
     done
     if [ -d "$src/cross" ]; then
-        mkdir -p "$dst/cross"
+        mkdir -p "$cross"
         for f in ablation.png cases.csv summary.json summary.md subgroups.json subgroups.png; do
-            [ -f "$src/cross/$f" ] && cp "$src/cross/$f" "$dst/cross/"
+            [ -f "$src/cross/$f" ] && cp "$src/cross/$f" "$cross/"
         done
     fi
     for run in "$src"/runs/*/; do
