@@ -178,7 +178,8 @@ def assess(ev: Evidence, model: QualityModel | None, members: list[Evidence] | N
     probabilities would read as less sure than any of its members is.
     """
     scored = members if members and len(members) > 1 else [ev]
-    score = float(np.mean([model.score(m) for m in scored])) if model is not None and model.fitted else None
+    scores = [model.score(m) for m in scored] if model is not None and model.fitted else None
+    score = float(np.mean(scores)) if scores is not None else None
     threshold = model.threshold if model is not None and model.fitted else None
     reasons = []
     if ev.nasopharynx is not None:
@@ -196,7 +197,7 @@ def assess(ev: Evidence, model: QualityModel | None, members: list[Evidence] | N
     if members and len(members) > 1:
         extra["members"] = [{**{f: round(getattr(m, f), 4) for f in ("mirror_dice", "mean_prob", "entropy", "volume_ml",
                                                                    "outside_fraction")},
-                             "score": None if score is None else round(model.score(m), 4)} for m in members]  # type: ignore[union-attr]
+                             "score": None if scores is None else round(scores[i], 4)} for i, m in enumerate(members)]
     if reasons:
         reason = "; ".join(reasons)
     elif score is None:
